@@ -1,0 +1,69 @@
+"""Run-config: defaults match pyproject.toml, coercion, clear errors."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+
+import pytest
+
+from flux_app.config import DATASET_PROFILES, ConfigError, RunConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pyproject_config() -> dict:
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
+        return tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+
+
+def test_defaults_match_pyproject_exactly():
+    declared = _pyproject_config()
+    assert RunConfig().to_dict() == declared
+    assert RunConfig.from_mapping(declared) == RunConfig()
+
+
+def test_contract_keys_present():
+    keys = set(_pyproject_config())
+    contract = {
+        "strategy", "dataset", "data-root", "shift", "level", "alpha", "holdout-clients",
+        "num-server-rounds", "local-epochs", "lr", "momentum", "batch-size", "fraction-train",
+        "model", "seed", "device", "output-dir",
+    }
+    assert contract <= keys
+
+
+def test_no_federations_block_in_pyproject():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
+        assert "federations" not in tomllib.load(fh)["tool"]["flwr"]
+
+
+def test_auto_values_follow_dataset():
+    cfg = RunConfig(dataset="fmnist")
+    assert cfg.learning_rate == DATASET_PROFILES["fmnist"]["lr"]
+    assert cfg.epochs == DATASET_PROFILES["fmnist"]["local_epochs"]
+    assert cfg.model_name == "lenet5"
+    cfg = RunConfig.from_mapping({"lr": 0.1, "local-epochs": 3, "model": "cnn"})
+    assert (cfg.learning_rate, cfg.epochs, cfg.model_name) == (0.1, 3, "cnn")
+
+
+def test_coercion_and_errors():
+    cfg = RunConfig.from_mapping({"level": 3.0, "flux-iid-guard": "false", "lr": "0.01"})
+    assert cfg.level == 3 and cfg.flux_iid_guard is False and cfg.learning_rate == 0.01
+    with pytest.raises(ConfigError, match="strategy"):
+        RunConfig.from_mapping({"strategy": "fedprox"})
+    with pytest.raises(ConfigError, match="level"):
+        RunConfig.from_mapping({"level": 9})
+    with pytest.raises(ConfigError, match="unknown run-config key 'levle'"):
+        RunConfig.from_mapping({"levle": 3})
+    with pytest.raises(ConfigError, match="level"):
+        RunConfig.from_mapping({"level": 2.5})
+    with pytest.raises(ConfigError, match="flux-dp-noise"):
+        RunConfig.from_mapping({"flux-dp-noise": 1.0})
+
+
+def test_relative_output_dir_becomes_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FLUX_APP_OUTPUT_DIR", raising=False)
+    assert RunConfig(output_dir="out").resolved_output_dir == str(tmp_path / "out")
+    assert RunConfig().resolved_output_dir == str(tmp_path / "outputs")
