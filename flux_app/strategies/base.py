@@ -345,11 +345,12 @@ class ClusteredStrategy:
         grid = self._grid()
         deadline = time.time() + wait_seconds
         while True:
-            self._query_info([n for n in grid.get_node_ids() if n not in self.nodes], 0)
+            known = self.nodes.keys() | self.excluded.keys()
+            self._query_info([n for n in grid.get_node_ids() if n not in known], 0)
             expected = self.cfg.min_nodes or max(
                 (i.num_partitions for i in self.nodes.values()), default=1
             )
-            if len(self.nodes) >= expected:
+            if len(self.nodes) + len(self.excluded) >= expected:
                 break
             if time.time() > deadline:
                 if not self.nodes:

@@ -1,0 +1,53 @@
+"""Data layer: dataset sources and the FLUX / FedDAG partition protocols (no Flower imports)."""
+
+from flux_app.data.shifts import (
+    BANK_SIZE,
+    SHIFTS,
+    ClientData,
+    ClientPlan,
+    ShiftSpec,
+    group_of,
+    input_shape,
+    make_client_data,
+    num_groups,
+    partition_groups,
+    partition_plan,
+    px_patterns,
+)
+from flux_app.data.sources import (
+    DATASETS,
+    DEFAULT_FMNIST_ROOT,
+    OFFLINE_ENV,
+    DatasetNotFoundError,
+    IDXFormatError,
+    Source,
+    clear_source_cache,
+    default_data_root,
+    load_source,
+    read_idx,
+)
+
+__all__ = [
+    "BANK_SIZE",
+    "DATASETS",
+    "DEFAULT_FMNIST_ROOT",
+    "OFFLINE_ENV",
+    "SHIFTS",
+    "ClientData",
+    "ClientPlan",
+    "DatasetNotFoundError",
+    "IDXFormatError",
+    "ShiftSpec",
+    "Source",
+    "clear_source_cache",
+    "default_data_root",
+    "group_of",
+    "input_shape",
+    "load_source",
+    "make_client_data",
+    "num_groups",
+    "partition_groups",
+    "partition_plan",
+    "px_patterns",
+    "read_idx",
+]

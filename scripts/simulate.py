@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Run one flux-app simulation through ``flwr run`` and check that it really finished.
+
+``flwr run . --stream`` exits 0 even when the run failed, so this driver reads the run id from
+its output, asks ``flwr ls --run-id ID --format json`` for ``finished:completed``, and exits
+non-zero otherwise. It sets the environment Flower needs on these machines (private FLWR_HOME,
+no runtime dependency install, no telemetry) and gives every run an absolute output folder.
+
+Examples
+--------
+    python scripts/simulate.py --nodes 12 -c 'strategy="oracle" num-server-rounds=8'
+    python scripts/simulate.py --nodes 10 -c conf/flux-fmnist-px-L4.toml -c 'seed=1'
+    python scripts/simulate.py --nodes 10 --gpus-per-node 0.25 -c 'device="cuda"'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def flower_env(flwr_home: str) -> dict[str, str]:
+    """Environment for flwr commands: private home, offline-friendly settings."""
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=flwr_home,
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+    )
+    bin_dir = os.path.dirname(sys.executable)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def run_status(run_id: str, env: dict[str, str]) -> str:
+    """``finished:completed`` etc., from ``flwr ls``; empty string when unknown."""
+    proc = subprocess.run(
+        ["flwr", "ls", "--run-id", run_id, "--format", "json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        return json.loads(proc.stdout)["runs"][0]["status"]
+    except (ValueError, KeyError, IndexError):
+        return ""
+
+
+def stop_local_superlink(flwr_home: str) -> int:
+    """Stop the local SuperLink (and its executor) that ``flwr run`` started for ``flwr_home``.
+
+    Only processes whose command line names this FLWR_HOME are touched.
+    """
+    stopped = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if ("flower-superlink" in cmd or "flower-superexec" in cmd) and flwr_home in cmd:
+            try:
+                os.kill(int(pid), signal.SIGTERM)
+                stopped += 1
+            except ProcessLookupError:
+                pass
+    return stopped
+
+
+def simulate(
+    overrides: list[str],
+    *,
+    nodes: int,
+    cpus_per_node: float = 1.0,
+    gpus_per_node: float = 0.0,
+    flwr_home: str | None = None,
+    timeout: float = 3600.0,
+    quiet: bool = False,
+) -> tuple[str, str, str]:
+    """Run ``flwr run . --stream`` with ``overrides``; return (run id, status, results path).
+
+    Each override is either a TOML file (``conf/*.toml``) or ``'key=value ...'`` text. An
+    ``output-dir`` and a ``run-name`` are added unless given, so the results can be found.
+    """
+    flwr_home = os.path.abspath(flwr_home or os.environ.get("FLUX_APP_FLWR_HOME", os.path.join(ROOT, ".flwr-home")))
+    env = flower_env(flwr_home)
+    joined = " ".join(o for o in overrides if not o.endswith(".toml"))
+    extra = []
+    if "output-dir" not in joined:
+        extra.append(f'output-dir="{os.path.join(ROOT, "outputs")}"')
+    run_name = re.search(r'run-name\s*=\s*"([^"]+)"', joined)
+    if run_name is None:
+        name = "sim-" + time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+        extra.append(f'run-name="{name}"')
+    cmd = ["flwr", "run", ".", "--stream", "--federation-config"]
+    resources = f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_node}"
+    if gpus_per_node:
+        resources += f" client-resources-num-gpus={gpus_per_node}"
+    cmd.append(resources)
+    for o in overrides + ([" ".join(extra)] if extra else []):
+        cmd += ["-c", o]
+    if not quiet:
+        print("[simulate] " + " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_id, results = "", ""
+    deadline = time.time() + timeout
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if not quiet:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        if m := re.search(r"started run (\d+)", line):
+            run_id = m.group(1)
+        if m := re.search(r"results written to (\S+)", line):
+            results = m.group(1)
+        if time.time() > deadline:
+            proc.kill()
+            break
+    proc.wait()
+    if not run_id:
+        return "", "not-started", ""
+    status = ""
+    for _ in range(30):  # the status may lag the end of the log stream by a moment
+        status = run_status(run_id, env)
+        if status.startswith("finished"):
+            break
+        time.sleep(2)
+    return run_id, status, results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=10, help="simulated SuperNodes (default 10)")
+    parser.add_argument("--cpus-per-node", type=float, default=1.0, help="CPUs reserved per client (default 1)")
+    parser.add_argument("--gpus-per-node", type=float, default=0.0, help="GPU share per client, e.g. 0.25")
+    parser.add_argument(
+        "-c", "--run-config", action="append", default=[], help="'key=value ...' or a TOML file; repeatable"
+    )
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
+    parser.add_argument("--stop-superlink", action="store_true", help="stop the local SuperLink afterwards")
+    args = parser.parse_args()
+    flwr_home = os.path.abspath(os.environ.get("FLUX_APP_FLWR_HOME", os.path.join(ROOT, ".flwr-home")))
+    try:
+        run_id, status, results = simulate(
+            args.run_config,
+            nodes=args.nodes,
+            cpus_per_node=args.cpus_per_node,
+            gpus_per_node=args.gpus_per_node,
+            flwr_home=flwr_home,
+            timeout=args.timeout,
+        )
+    finally:
+        if args.stop_superlink:
+            stop_local_superlink(flwr_home)
+    print(f"[simulate] run {run_id or '?'}: {status or 'unknown status'}")
+    if status != "finished:completed":
+        print("[simulate] the run did not complete; see the log above", file=sys.stderr)
+        return 1
+    if results and os.path.exists(results):
+        with open(results) as fh:
+            final = json.load(fh).get("final") or {}
+        shown = {k: final.get(k) for k in ("accuracy_known", "accuracy_routed", "accuracy_holdout", "num_clusters", "ari", "wall_seconds")}
+        print(f"[simulate] final: {json.dumps(shown)}")
+        print(f"[simulate] results: {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The strategy base through the in-process grid: round loop, per-cluster models, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+from flux_app.config import RunConfig
+from flux_app.inprocess import InProcessGrid, run_inprocess
+from flux_app.records import from_record
+from flux_app.strategies import build_strategy
+
+
+def _grid(cfg: dict, n: int, **kw) -> InProcessGrid:
+    from client_app import app
+
+    return InProcessGrid(app, RunConfig.from_mapping(cfg).to_dict(), n, **kw)
+
+
+def test_fedavg_run_writes_contract(small_run):
+    results, run_dir = run_inprocess(small_run | {"holdout-clients": 1}, 4)
+    with open(os.path.join(run_dir, "results.json")) as fh:
+        on_disk = json.load(fh)
+    assert on_disk["run_config"]["strategy"] == "fedavg"
+    assert [r["round"] for r in on_disk["rounds"]] == [1, 2]
+    for row in on_disk["rounds"]:
+        assert {"round", "phase", "num_clusters", "train_loss", "accuracy", "bytes_up", "bytes_down", "seconds"} <= set(row)
+        assert row["bytes_up"] > 0 and row["num_clusters"] == 1
+    final = on_disk["final"]
+    for key in ("accuracy_known", "accuracy_routed", "accuracy_holdout", "num_clusters", "ari",
+                "routing_accuracy", "wall_seconds", "bytes_descriptor_up", "bytes_model_up"):
+        assert key in final
+    assert 0 <= final["accuracy_known"] <= 1
+    assert final["accuracy_holdout"] is not None  # one global model: the holdout is evaluated
+    assert os.path.exists(os.path.join(run_dir, "run_config.json"))
+    assert os.path.exists(os.path.join(run_dir, "accuracy.png"))
+    ckpt = torch.load(os.path.join(run_dir, "checkpoints", "cluster_0.pt"), weights_only=True)
+    assert "head.weight" in ckpt
+
+
+def test_holdout_nodes_never_train(small_run):
+    cfg = RunConfig.from_mapping(small_run | {"holdout-clients": 2})
+    grid = _grid(cfg.to_dict(), 5)
+    seen: list[int] = []
+    for pid in range(5):
+        def hook(reply: Message, pid=pid) -> Message:
+            if reply.metadata.message_type == "train":
+                seen.append(pid)
+            return reply
+
+        grid.hooks[pid] = hook
+    strategy = build_strategy(cfg)
+    strategy.start(grid)
+    assert sorted(set(seen)) == [0, 1, 2]
+    assert [strategy.nodes[n].partition_id for n in strategy.holdout_nodes()] == [3, 4]
+
+
+def test_fraction_train_samples_and_is_seeded(small_run):
+    cfg = RunConfig.from_mapping(small_run | {"fraction-train": 0.5})
+    grid = _grid(cfg.to_dict(), 6)
+    strategy = build_strategy(cfg)
+    strategy.grid = grid
+    strategy.discover_nodes()
+    a = strategy.sample(strategy.training_nodes(), 1)
+    b = strategy.sample(strategy.training_nodes(), 1)
+    c = [strategy.sample(strategy.training_nodes(), r) for r in range(2, 8)]
+    assert len(a) == 3 and a == b
+    assert any(s != a for s in c)
+
+
+def test_bad_and_missing_replies_are_skipped(small_run):
+    """A NaN model, an error reply, a silent node: the run goes on with the others."""
+    cfg = RunConfig.from_mapping(small_run)
+
+    def nan_model(reply: Message) -> Message:
+        if reply.metadata.message_type != "train":
+            return reply
+        state = from_record(reply.content.array_records["arrays"])
+        state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
+        content = RecordDict({"arrays": ArrayRecord.from_torch_state_dict(state),
+                              "metrics": MetricRecord({"num-examples": 10})})
+        return Message(content, reply_to=reply)
+
+    def crash(reply: Message) -> Message:
+        if reply.metadata.message_type == "train":
+            raise RuntimeError("disk full")
+        return reply
+
+    def silent(reply: Message):
+        return None if reply.metadata.message_type == "train" else reply
+
+    grid = _grid(cfg.to_dict(), 4, hooks={0: nan_model, 1: crash, 2: silent})
+    strategy = build_strategy(cfg)
+    results = strategy.start(grid)
+    model = strategy.models[0]
+    assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
+    assert results["final"]["accuracy_known"] is not None
+
+
+def test_node_with_bad_info_is_excluded(small_run):
+    def bad_info(reply: Message) -> Message:
+        if reply.metadata.message_type == "query.info":
+            return Message(RecordDict({"info": MetricRecord({"partition-id": 1})}), reply_to=reply)
+        return reply
+
+    cfg = RunConfig.from_mapping(small_run | {"num-server-rounds": 1})
+    strategy = build_strategy(cfg)
+    strategy.start(_grid(cfg.to_dict(), 3, hooks={1: bad_info}))
+    assert len(strategy.training_nodes()) == 2
+    assert any("bad info" in why for why in strategy.excluded.values())
+
+
+def test_late_node_joins_training(small_run):
+    cfg = RunConfig.from_mapping(small_run | {"num-server-rounds": 3})
+    grid = _grid(cfg.to_dict(), 4, late={3: 2})  # appears from the 3rd get_node_ids call on
+    strategy = build_strategy(cfg)
+    strategy.start(grid)
+    pids = sorted(strategy.nodes[n].partition_id for n in strategy.assignment)
+    assert pids == [0, 1, 2, 3]
+
+
+def test_oracle_clusters_are_true_groups_and_local_is_per_node(small_run):
+    cfg = RunConfig.from_mapping(small_run | {"strategy": "oracle", "num-server-rounds": 1, "holdout-clients": 1})
+    oracle = build_strategy(cfg)
+    res = oracle.start(_grid(cfg.to_dict(), 7))
+    groups = {oracle.nodes[n].group for n in oracle.training_nodes()}
+    assert len(oracle.models) == len(groups) > 1
+    assert res["final"]["ari"] == pytest.approx(1.0)
+    assert res["final"]["routing_accuracy"] == 1.0
+
+    cfg = cfg.replace(strategy="local")
+    local = build_strategy(cfg)
+    res = local.start(_grid(cfg.to_dict(), 4))
+    assert len(local.models) == 3
+    assert res["final"]["accuracy_holdout"] is None  # no model of its own to use
+
+
+def test_local_models_do_not_mix(small_run):
+    cfg = RunConfig.from_mapping(small_run | {"strategy": "local", "num-server-rounds": 1})
+    local = build_strategy(cfg)
+    local.start(_grid(cfg.to_dict(), 3))
+    heads = [local.models[c]["head.bias"] for c in sorted(local.models)]
+    assert not np.allclose(heads[0].numpy(), heads[1].numpy())
