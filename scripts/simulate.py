@@ -98,7 +98,9 @@ def simulate(
     Each override is either a TOML file (``conf/*.toml``) or ``'key=value ...'`` text. An
     ``output-dir`` and a ``run-name`` are added unless given, so the results can be found.
     """
-    flwr_home = os.path.abspath(flwr_home or os.environ.get("FLUX_APP_FLWR_HOME", os.path.join(ROOT, ".flwr-home")))
+    flwr_home = os.path.abspath(
+        flwr_home or os.environ.get("FLUX_APP_FLWR_HOME", os.path.join(ROOT, ".flwr-home"))
+    )
     env = flower_env(flwr_home)
     joined = " ".join(o for o in overrides if not o.endswith(".toml"))
     extra = []
@@ -117,7 +119,9 @@ def simulate(
         cmd += ["-c", o]
     if not quiet:
         print("[simulate] " + " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     run_id, results = "", ""
     deadline = time.time() + timeout
     assert proc.stdout is not None
@@ -147,15 +151,27 @@ def simulate(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=10, help="simulated SuperNodes (default 10)")
-    parser.add_argument("--cpus-per-node", type=float, default=1.0, help="CPUs reserved per client (default 1)")
-    parser.add_argument("--gpus-per-node", type=float, default=0.0, help="GPU share per client, e.g. 0.25")
     parser.add_argument(
-        "-c", "--run-config", action="append", default=[], help="'key=value ...' or a TOML file; repeatable"
+        "--cpus-per-node", type=float, default=1.0, help="CPUs reserved per client (default 1)"
+    )
+    parser.add_argument(
+        "--gpus-per-node", type=float, default=0.0, help="GPU share per client, e.g. 0.25"
+    )
+    parser.add_argument(
+        "-c",
+        "--run-config",
+        action="append",
+        default=[],
+        help="'key=value ...' or a TOML file; repeatable",
     )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
-    parser.add_argument("--stop-superlink", action="store_true", help="stop the local SuperLink afterwards")
+    parser.add_argument(
+        "--stop-superlink", action="store_true", help="stop the local SuperLink afterwards"
+    )
     args = parser.parse_args()
-    flwr_home = os.path.abspath(os.environ.get("FLUX_APP_FLWR_HOME", os.path.join(ROOT, ".flwr-home")))
+    flwr_home = os.path.abspath(
+        os.environ.get("FLUX_APP_FLWR_HOME", os.path.join(ROOT, ".flwr-home"))
+    )
     try:
         run_id, status, results = simulate(
             args.run_config,
@@ -175,7 +191,17 @@ def main() -> int:
     if results and os.path.exists(results):
         with open(results) as fh:
             final = json.load(fh).get("final") or {}
-        shown = {k: final.get(k) for k in ("accuracy_known", "accuracy_routed", "accuracy_holdout", "num_clusters", "ari", "wall_seconds")}
+        shown = {
+            k: final.get(k)
+            for k in (
+                "accuracy_known",
+                "accuracy_routed",
+                "accuracy_holdout",
+                "num_clusters",
+                "ari",
+                "wall_seconds",
+            )
+        }
         print(f"[simulate] final: {json.dumps(shown)}")
         print(f"[simulate] results: {results}")
     return 0

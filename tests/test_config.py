@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import tomllib
 
 import pytest
+import tomllib
 
 from flux_app.config import DATASET_PROFILES, ConfigError, RunConfig
 
@@ -26,9 +26,23 @@ def test_defaults_match_pyproject_exactly():
 def test_contract_keys_present():
     keys = set(_pyproject_config())
     contract = {
-        "strategy", "dataset", "data-root", "shift", "level", "alpha", "holdout-clients",
-        "num-server-rounds", "local-epochs", "lr", "momentum", "batch-size", "fraction-train",
-        "model", "seed", "device", "output-dir",
+        "strategy",
+        "dataset",
+        "data-root",
+        "shift",
+        "level",
+        "alpha",
+        "holdout-clients",
+        "num-server-rounds",
+        "local-epochs",
+        "lr",
+        "momentum",
+        "batch-size",
+        "fraction-train",
+        "model",
+        "seed",
+        "device",
+        "output-dir",
     }
     assert contract <= keys
 

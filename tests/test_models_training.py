@@ -26,7 +26,11 @@ def test_lenet5_is_the_flux_architecture():
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert [(c.out_channels, c.kernel_size) for c in convs] == [(6, (5, 5)), (16, (5, 5))]
-    assert [(lin.in_features, lin.out_features) for lin in linears] == [(400, 120), (120, 84), (84, 10)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [
+        (400, 120),
+        (120, 84),
+        (84, 10),
+    ]
     assert any(isinstance(m, torch.nn.AvgPool2d) for m in model.modules())
 
 
@@ -37,7 +41,10 @@ def test_seeded_build_is_reproducible_and_private():
     a = build_model("lenet5", (1, 28, 28), 10, seed=3)
     after = torch.rand(1)
     b = build_model("lenet5", (1, 28, 28), 10, seed=3)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=False)
+    )
     assert torch.equal(before, after)  # the caller's RNG stream is untouched
 
 
@@ -66,7 +73,9 @@ def test_training_learns_and_is_deterministic():
         accs.append(evaluate(model, x, y).accuracy)
         states.append(model.state_dict())
     assert accs[0] > 0.95
-    assert all(torch.equal(a, b) for a, b in zip(states[0].values(), states[1].values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(states[0].values(), states[1].values(), strict=False)
+    )
 
 
 def test_frozen_parts_stay_bit_identical():

@@ -29,11 +29,29 @@ def test_fedavg_run_writes_contract(small_run):
     assert on_disk["run_config"]["strategy"] == "fedavg"
     assert [r["round"] for r in on_disk["rounds"]] == [1, 2]
     for row in on_disk["rounds"]:
-        assert {"round", "phase", "num_clusters", "train_loss", "accuracy", "bytes_up", "bytes_down", "seconds"} <= set(row)
+        assert {
+            "round",
+            "phase",
+            "num_clusters",
+            "train_loss",
+            "accuracy",
+            "bytes_up",
+            "bytes_down",
+            "seconds",
+        } <= set(row)
         assert row["bytes_up"] > 0 and row["num_clusters"] == 1
     final = on_disk["final"]
-    for key in ("accuracy_known", "accuracy_routed", "accuracy_holdout", "num_clusters", "ari",
-                "routing_accuracy", "wall_seconds", "bytes_descriptor_up", "bytes_model_up"):
+    for key in (
+        "accuracy_known",
+        "accuracy_routed",
+        "accuracy_holdout",
+        "num_clusters",
+        "ari",
+        "routing_accuracy",
+        "wall_seconds",
+        "bytes_descriptor_up",
+        "bytes_model_up",
+    ):
         assert key in final
     assert 0 <= final["accuracy_known"] <= 1
     assert final["accuracy_holdout"] is not None  # one global model: the holdout is evaluated
@@ -48,6 +66,7 @@ def test_holdout_nodes_never_train(small_run):
     grid = _grid(cfg.to_dict(), 5)
     seen: list[int] = []
     for pid in range(5):
+
         def hook(reply: Message, pid=pid) -> Message:
             if reply.metadata.message_type == "train":
                 seen.append(pid)
@@ -81,9 +100,16 @@ def test_bad_and_missing_replies_are_skipped(small_run):
         if reply.metadata.message_type != "train":
             return reply
         state = from_record(reply.content.array_records["arrays"])
-        state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
-        content = RecordDict({"arrays": ArrayRecord.from_torch_state_dict(state),
-                              "metrics": MetricRecord({"num-examples": 10})})
+        state = {
+            k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+            for k, v in state.items()
+        }
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord.from_torch_state_dict(state),
+                "metrics": MetricRecord({"num-examples": 10}),
+            }
+        )
         return Message(content, reply_to=reply)
 
     def crash(reply: Message) -> Message:
@@ -125,7 +151,9 @@ def test_late_node_joins_training(small_run):
 
 
 def test_oracle_clusters_are_true_groups_and_local_is_per_node(small_run):
-    cfg = RunConfig.from_mapping(small_run | {"strategy": "oracle", "num-server-rounds": 1, "holdout-clients": 1})
+    cfg = RunConfig.from_mapping(
+        small_run | {"strategy": "oracle", "num-server-rounds": 1, "holdout-clients": 1}
+    )
     oracle = build_strategy(cfg)
     res = oracle.start(_grid(cfg.to_dict(), 7))
     groups = {oracle.nodes[n].group for n in oracle.training_nodes()}
