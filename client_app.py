@@ -3,13 +3,14 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flux_app.client import QUERY_ACTIONS, ClientRuntime, Handler, handle_evaluate, handle_train
+from flux_app.client import ClientRuntime, Handler, handle_evaluate, handle_train
+from flux_app.client_actions import QUERY_ACTIONS
 
 app = ClientApp()
 
 
 def _run(handler: Handler, msg: Message, context: Context) -> Message:
-    runtime = ClientRuntime.from_context(context.run_config, context.node_config)
+    runtime = ClientRuntime.from_context(context.run_config, context.node_config, context.state)
     return Message(handler(msg.content, runtime), reply_to=msg)
 
 

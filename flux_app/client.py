@@ -18,8 +18,8 @@ Message types (see ``client_app.py``)
 ``query.scores``    ArrayRecords ``model-0..model-{K-1}`` + ``config`` -> ``metrics`` with lists
                        ``losses`` / ``accuracies`` of every model on one split (IFCA, FeSEM, CFL
                        and routing by loss).
-Method-specific queries (FLUX descriptors, FedDAG sketches) live in their own modules and are
-registered in :data:`QUERY_ACTIONS`.
+Method-specific queries (FLUX descriptors, FedDAG sketches, PACFL subspaces) live in their own
+modules; :mod:`flux_app.client_actions` lists every ``query.<action>`` the ClientApp serves.
 """
 
 from __future__ import annotations
@@ -110,18 +110,23 @@ class ClientRuntime:
     cfg: RunConfig
     partition_id: int
     num_partitions: int
+    #: ``context.state``: the node's own records across messages (e.g. FedDAG's sketch)
+    state: RecordDict = field(default_factory=RecordDict, repr=False)
     _data: ClientData | None = field(default=None, repr=False)
 
     @classmethod
     def from_context(
-        cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+        cls,
+        run_config: Mapping[str, Any],
+        node_config: Mapping[str, Any],
+        state: RecordDict | None = None,
     ) -> ClientRuntime:
-        """Build from Flower's ``context.run_config`` and ``context.node_config``."""
+        """Build from Flower's ``context.run_config``, ``node_config`` and ``state``."""
         cfg = RunConfig.from_mapping(run_config, strict=False)
         if node_config.get("data-root"):
             cfg = cfg.replace(data_root=str(node_config["data-root"]))
         pid, num = node_partition(node_config)
-        return cls(cfg, pid, num)
+        return cls(cfg, pid, num, RecordDict() if state is None else state)
 
     @property
     def data(self) -> ClientData:
@@ -254,6 +259,3 @@ def handle_scores(content: RecordDict, rt: ClientRuntime) -> RecordDict:
 
 
 Handler = Callable[[RecordDict, ClientRuntime], RecordDict]
-
-#: ``query.<action>`` handlers; method modules add theirs (client_app.py registers them all).
-QUERY_ACTIONS: dict[str, Handler] = {"info": handle_info, "scores": handle_scores}
