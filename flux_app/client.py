@@ -159,7 +159,8 @@ class ClientRuntime:
         return model
 
 
-def _config(content: RecordDict) -> ConfigRecord:
+def config_of(content: RecordDict) -> ConfigRecord:
+    """The ConfigRecord ``config`` of a message (empty when absent)."""
     return content.config_records.get("config", ConfigRecord())
 
 
@@ -189,7 +190,7 @@ def handle_train(content: RecordDict, rt: ClientRuntime) -> RecordDict:
     is FedDAG's dual-encoder one) and ``train-part``: ``all`` | ``primary`` (primary encoder +
     head) | ``secondary`` (secondary encoder only, through the frozen primary and head).
     """
-    config = _config(content)
+    config = config_of(content)
     dual = bool(config.get("dual", False))
     model = rt.model_from(content, dual=dual)
     part = str(config.get("train-part", "all"))
@@ -222,7 +223,7 @@ def handle_train(content: RecordDict, rt: ClientRuntime) -> RecordDict:
 
 def handle_evaluate(content: RecordDict, rt: ClientRuntime) -> RecordDict:
     """Accuracy and loss of the received model on the test and validation shares."""
-    config = _config(content)
+    config = config_of(content)
     model = rt.model_from(content, dual=bool(config.get("dual", False)))
     d = rt.data
     test = evaluate(model, d.x_test, d.y_test, device=rt.device)
@@ -237,7 +238,7 @@ def handle_evaluate(content: RecordDict, rt: ClientRuntime) -> RecordDict:
 
 def handle_scores(content: RecordDict, rt: ClientRuntime) -> RecordDict:
     """Loss and accuracy of each of K received models on one split (``config/split``)."""
-    config = _config(content)
+    config = config_of(content)
     split = str(config.get("split", "train"))
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, not {split!r}")
