@@ -187,8 +187,9 @@ def handle_train(content: RecordDict, rt: ClientRuntime) -> RecordDict:
     """Local training of the received model; replies with the new weights.
 
     ConfigRecord ``config`` may set ``server-round``, ``lr``, ``local-epochs``, ``dual`` (the model
-    is FedDAG's dual-encoder one) and ``train-part``: ``all`` | ``primary`` (primary encoder +
-    head) | ``secondary`` (secondary encoder only, through the frozen primary and head).
+    is FedDAG's dual-encoder one), ``train-part``: ``all`` | ``primary`` (primary encoder +
+    head) | ``secondary`` (secondary encoder only, through the frozen primary and head), and
+    ``sketch-fraction`` / ``sketch-seed`` (keep FedDAG's update sketch in ``context.state``).
     """
     config = config_of(content)
     dual = bool(config.get("dual", False))
@@ -204,6 +205,8 @@ def handle_train(content: RecordDict, rt: ClientRuntime) -> RecordDict:
     else:
         raise ValueError(f"train-part {part!r} is not valid for dual={dual}")
     d = rt.data
+    sketch_fraction = float(config.get("sketch-fraction", 0.0))
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()} if sketch_fraction > 0 else None
     result = train(
         model,
         d.x_train,
@@ -217,8 +220,13 @@ def handle_train(content: RecordDict, rt: ClientRuntime) -> RecordDict:
         seed=rt.seed_for("train", int(config.get("server-round", 0)), part),
         trainable=trainable,
     )
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if before is not None:  # FedDAG's last warm-up round: keep the update sketch on the node
+        from flux_app.feddag_query import store_update_sketch
+
+        store_update_sketch(rt, before, state, sketch_fraction, int(config.get("sketch-seed", 0)))
     metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss})
-    return RecordDict({"arrays": to_record(model.state_dict()), "metrics": metrics})
+    return RecordDict({"arrays": to_record(state), "metrics": metrics})
 
 
 def handle_evaluate(content: RecordDict, rt: ClientRuntime) -> RecordDict:

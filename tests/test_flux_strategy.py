@@ -105,7 +105,11 @@ def test_late_node_is_routed_by_descriptor(flux_run):
     late = [n for n in strategy.nodes if strategy.nodes[n].partition_id == 6][0]
     assert late in strategy.assignment
     group = strategy.nodes[late].group
-    peers = [strategy.assignment[n] for n in strategy.assignment if n != late and strategy.nodes[n].group == group]
+    peers = [
+        strategy.assignment[n]
+        for n in strategy.assignment
+        if n != late and strategy.nodes[n].group == group
+    ]
     assert peers and strategy.assignment[late] == max(set(peers), key=peers.count)
 
 

@@ -6,6 +6,7 @@ from flux_app.config import RunConfig
 from flux_app.results import RunRecorder
 from flux_app.strategies.base import ClusteredStrategy, NodeInfo, Reply
 from flux_app.strategies.fedavg import FedAvg
+from flux_app.strategies.feddag import FedDag
 from flux_app.strategies.flux import Flux
 from flux_app.strategies.local import Local
 from flux_app.strategies.oracle import Oracle
@@ -16,6 +17,7 @@ STRATEGIES: dict[str, type[ClusteredStrategy]] = {
     Local.name: Local,
     Oracle.name: Oracle,
     Flux.name: Flux,
+    FedDag.name: FedDag,
 }
 
 

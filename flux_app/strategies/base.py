@@ -11,6 +11,7 @@ A method is a subclass that overrides a few hooks (all documented below):
 
 ``setup()``                 initial models and assignment (default: one global model)
 ``before_round(rnd)``       e.g. decide to cluster now
+``select_nodes(rnd)``       which nodes train this round (default: ``fraction-train`` sample)
 ``train_content(node, rnd)`` what a sampled node is sent for training
 ``aggregate(rnd, replies)`` turn replies into new cluster models (default: FedAvg per cluster)
 ``route(nodes)``            cluster of nodes that never trained (held-out or late)
@@ -79,6 +80,9 @@ class Reply:
     node_id: int
     content: RecordDict
     cluster: int | None = None
+    #: the trained model and its sample count, filled once the reply has been validated
+    state: State | None = None
+    num_examples: int = 0
 
 
 class ClusteredStrategy:
@@ -132,7 +136,11 @@ class ClusteredStrategy:
         """Default: sample-weighted FedAvg inside each cluster of the replies' trained models."""
         by_cluster: dict[int, list[tuple[State, int]]] = defaultdict(list)
         for reply in replies:
-            state, n = self.read_trained(reply)
+            state, n = (
+                (reply.state, reply.num_examples)
+                if reply.state is not None
+                else self.read_trained(reply)
+            )
             by_cluster[reply.cluster].append((state, n))
         for cid, items in sorted(by_cluster.items()):
             self.models[cid] = weighted_average([s for s, _ in items], [n for _, n in items])
@@ -165,7 +173,7 @@ class ClusteredStrategy:
 
     def model_content(self, state: State, server_round: int, **config: Any) -> RecordDict:
         """A ``train``/``evaluate`` payload: the model and a ConfigRecord."""
-        conf = {"server-round": server_round, "dual": self.dual_model, **config}
+        conf = {"server-round": server_round, "dual": is_dual(state), **config}
         return RecordDict({"arrays": to_record(state), "config": ConfigRecord(conf)})
 
     def read_trained(self, reply: Reply) -> tuple[State, int]:
@@ -310,14 +318,23 @@ class ClusteredStrategy:
 
     def train_round(self, server_round: int) -> None:
         """Sample, send every sampled node its instruction, aggregate the valid replies."""
-        sampled = self.sample(list(self.assignment), server_round)
+        sampled = self.select_nodes(server_round)
         contents = {n: self.train_content(n, server_round) for n in sampled}
-        received = self.send("train", contents, server_round)
+        replies = self.collect_trained(self.send("train", contents, server_round))
+        if replies:
+            self.aggregate(server_round, replies)
+
+    def select_nodes(self, server_round: int) -> list[int]:
+        """Nodes that train this round. Default: ``fraction-train`` of the training nodes."""
+        return self.sample(list(self.assignment), server_round)
+
+    def collect_trained(self, received: Mapping[int, RecordDict]) -> list[Reply]:
+        """Valid train replies (checked against the node's cluster model), losses noted."""
         replies = []
         for node_id in self._ordered(received):
             reply = Reply(node_id, received[node_id], self.assignment.get(node_id))
-            try:
-                self.read_trained(reply)  # validate before anything is averaged
+            try:  # validate before anything is averaged
+                reply.state, reply.num_examples = self.read_trained(reply)
             except (ReplyError, KeyError, ValueError, TypeError) as err:
                 logger.warning("node %s: train reply rejected: %s", node_id, err)
                 continue
@@ -325,8 +342,7 @@ class ClusteredStrategy:
             if loss is not None:
                 self.train_losses.append(float(loss))
             replies.append(reply)
-        if replies:
-            self.aggregate(server_round, replies)
+        return replies
 
     def after_round(self, server_round: int, row: dict[str, Any]) -> None:
         """Called with the round's row before it is recorded (methods may add fields)."""
@@ -526,6 +542,11 @@ class ClusteredStrategy:
         self.results["clustering"] = self.clustering
         if self.recorder is not None:
             self.recorder.set("clustering", self.clustering)
+
+
+def is_dual(state: Mapping[str, Any]) -> bool:
+    """Whether a state dict is FedDAG's dual-encoder model (it has ``primary.*`` weights)."""
+    return any(k.startswith("primary.") for k in state)
 
 
 def _mean(values: Iterable[Any]) -> float | None:
