@@ -67,7 +67,7 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=128)  # one entry per partition this process serves
 def _partition(
     dataset: str,
     data_root: str,

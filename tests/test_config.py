@@ -81,3 +81,23 @@ def test_relative_output_dir_becomes_absolute(tmp_path, monkeypatch):
     monkeypatch.delenv("FLUX_APP_OUTPUT_DIR", raising=False)
     assert RunConfig(output_dir="out").resolved_output_dir == str(tmp_path / "out")
     assert RunConfig().resolved_output_dir == str(tmp_path / "outputs")
+
+
+def test_conf_files_are_valid_and_match_the_benchmark_protocols():
+    import glob
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "benchmark", os.path.join(ROOT, "scripts", "benchmark.py")
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    files = sorted(glob.glob(os.path.join(ROOT, "conf", "*.toml")))
+    assert len(files) >= 15
+    for path in files:
+        with open(path, "rb") as fh:
+            values = tomllib.load(fh)
+        RunConfig.from_mapping(values)  # every key known, every value valid
+        protocol = "flux-fmnist" if "flux-fmnist" in path else "feddag-fmnist"
+        for key, value in bench.PROTOCOLS[protocol]["config"].items():
+            assert values[key] == value, (path, key)

@@ -1,0 +1,266 @@
+#!/usr/bin/env python
+"""Benchmark harness: a grid of (strategy x shift x level x seed) runs of one paper protocol.
+
+Every run goes through the real ServerApp and ClientApp code, driven by the in-process grid
+(:mod:`flux_app.inprocess`: no Ray, no SuperLink; tests/test_inprocess_equivalence.py checks it
+gives the same results as ``flwr run`` for the same seed). Each finished run appends one JSON
+line to the protocol's results file; a rerun skips what is there, so a long grid can be finished
+over several sittings (or on a GPU machine) and interrupted at any point without losing runs.
+``--report`` turns every results file into docs/BENCHMARKS.md tables and PNG plots.
+
+Examples
+--------
+    python scripts/benchmark.py flux-fmnist --seeds 0 --levels 1,4,8         # run (resumes)
+    python scripts/benchmark.py flux-fmnist --list                           # what is left
+    python scripts/benchmark.py feddag-fmnist --strategies feddag,fedavg --rounds 20
+    python scripts/benchmark.py --report                                     # docs only
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+RESULTS_DIR = os.path.join(ROOT, "docs", "benchmarks")
+
+# Each protocol: nodes, fixed run-config, and the default grid. Paper settings in one place;
+# conf/*.toml carries the same values for `flwr run`.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "flux-fmnist": {
+        "title": "FLUX protocol on Fashion-MNIST (FLUX, NeurIPS 2025)",
+        "nodes": 12,
+        "config": {
+            "dataset": "fmnist",
+            "holdout-clients": 2,
+            "num-server-rounds": 10,
+            "local-epochs": 2,
+            "lr": 0.005,
+            "momentum": 0.9,
+            "batch-size": 64,
+            "val-fraction": 0.2,
+            "model": "lenet5",
+        },
+        "grid": {
+            "strategy": ["flux", "fedavg", "oracle"],
+            "shift": ["px", "py", "pyx", "pxy"],
+            "level": [1, 4, 8],
+            "seed": [0, 1, 2],
+        },
+    },
+    "feddag-fmnist": {
+        "title": "FedDAG protocol on Fashion-MNIST (FedDAG, ICLR 2026)",
+        "nodes": 100,
+        "config": {
+            "dataset": "fmnist",
+            "fraction-train": 0.2,
+            "num-server-rounds": 20,
+            "local-epochs": 10,
+            "lr": 0.01,
+            "momentum": 0.5,
+            "weight-decay": 1e-4,
+            "batch-size": 64,
+            "model": "cnn",
+            "eval-every": 5,
+            "val-fraction": 0.0,
+        },
+        "grid": {
+            "strategy": ["feddag", "fedavg", "pacfl", "ifca", "cfl"],
+            # Dist I (rho 20 %, alpha' 1 and 0.25) and Dist II
+            "setting": ["dist1-a1", "dist1-a0.25", "dist2"],
+            "seed": [0],
+        },
+        "settings": {
+            "dist1-a1": {"shift": "label-skew", "rho": 0.2, "alpha": 1.0},
+            "dist1-a0.25": {"shift": "label-skew", "rho": 0.2, "alpha": 0.25},
+            "dist2": {"shift": "concept"},
+        },
+    },
+}
+
+# Strategy-specific run-config of a protocol (variants are strategies of the grid).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "feddag*": {"strategy": "feddag", "feddag-variant": "single"},
+    "feddag-dagger": {"strategy": "feddag", "feddag-variant": "dagger"},
+}
+
+PAPER = {
+    "flux-fmnist": {
+        "note": "FLUX paper, FMNIST, test-phase accuracy averaged over the 4 shifts",
+        "flux_by_level": {1: 78.6, 4: 80.5, 8: 84.3},
+        "best_baseline_level8": 61.5,
+        "flux_mean_levels_1_8": 81.2,
+        "best_baseline_mean_levels_1_8": 69.4,
+    },
+    "feddag-fmnist": {
+        "note": "FedDAG paper, FMNIST, best accuracy over rounds (their code's metric)",
+        "dist1-a1": {"feddag": 96.82, "pacfl": 94.41, "ifca": 94.03, "cfl": 86.97},
+        "dist1-a0.25": {"feddag": 93.82},
+        "dist2": {"feddag": 88.93, "ifca": 84.67, "cfl": 82.73},
+    },
+}
+
+
+def results_file(protocol: str) -> str:
+    """The protocol's JSON-lines results file."""
+    return os.path.join(RESULTS_DIR, f"{protocol}.jsonl")
+
+
+def run_key(cell: dict[str, Any]) -> str:
+    """Identity of one run inside a protocol (its grid coordinates)."""
+    return json.dumps(cell, sort_keys=True)
+
+
+def cells(protocol: str, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """Grid cells, narrowed by the command-line filters."""
+    grid = dict(PROTOCOLS[protocol]["grid"])
+    for axis in grid:
+        chosen = getattr(args, axis.replace("-", "_") + "s", None)
+        if chosen:
+            grid[axis] = (
+                [type(grid[axis][0])(v) for v in chosen.split(",")]
+                if grid[axis]
+                else chosen.split(",")
+            )
+    axes = list(grid)
+    # Methods vary fastest so that the runs of one setting are measured side by side.
+    order = [a for a in axes if a != "strategy"] + ["strategy"]
+    for values in itertools.product(*(grid[a] for a in order)):
+        yield dict(zip(order, values, strict=True))
+
+
+def run_config(protocol: str, cell: dict[str, Any], rounds: int | None) -> dict[str, Any]:
+    """Full run-config of one cell."""
+    spec = PROTOCOLS[protocol]
+    cfg = dict(spec["config"])
+    for axis, value in cell.items():
+        if axis == "setting":
+            cfg.update(spec["settings"][value])
+        elif axis == "strategy":
+            cfg.update(VARIANTS.get(value, {"strategy": value}))
+        else:
+            cfg[axis] = value
+    if rounds:
+        cfg["num-server-rounds"] = rounds
+    name = "-".join(str(v) for v in cell.values()).replace("*", "star")
+    cfg["run-name"] = f"bench-{protocol}-{name}"
+    cfg["output-dir"] = os.path.join(ROOT, "outputs", "benchmarks")
+    return cfg
+
+
+def load_done(protocol: str) -> dict[str, dict[str, Any]]:
+    """Finished runs of a protocol by run key."""
+    path = results_file(protocol)
+    done: dict[str, dict[str, Any]] = {}
+    if os.path.exists(path):
+        with open(path) as fh:
+            for line in fh:
+                if line.strip():
+                    row = json.loads(line)
+                    done[row["key"]] = row
+    return done
+
+
+def run_grid(protocol: str, args: argparse.Namespace) -> int:
+    """Run every missing cell; returns the number of failures."""
+    from flux_app.inprocess import run_inprocess
+
+    logging.getLogger("flwr").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    todo = [c for c in cells(protocol, args) if run_key(c) not in load_done(protocol)]
+    if args.max_runs:
+        todo = todo[: args.max_runs]
+    print(f"[bench] {protocol}: {len(todo)} run(s) to do", flush=True)
+    if args.list:
+        for c in todo:
+            print("  ", run_key(c))
+        return 0
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    failures = 0
+    for i, cell in enumerate(todo, 1):
+        cfg = run_config(protocol, cell, args.rounds)
+        if args.device:
+            cfg["device"] = args.device
+        t0 = time.time()
+        print(f"[bench] ({i}/{len(todo)}) {run_key(cell)}", flush=True)
+        try:
+            results, run_dir = run_inprocess(cfg, PROTOCOLS[protocol]["nodes"])
+        except Exception:  # one failing cell must not stop a long grid
+            failures += 1
+            traceback.print_exc()
+            continue
+        final = results["final"]
+        row = {
+            "key": run_key(cell),
+            "cell": cell,
+            "run_config": cfg,
+            "final": final,
+            "clustering": {
+                k: v for k, v in (results.get("clustering") or {}).items() if k != "assignment"
+            },
+            "accuracy_by_round": [r.get("accuracy") for r in results["rounds"]],
+            "seconds": round(time.time() - t0, 2),
+            "machine": machine(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "run_dir": os.path.relpath(run_dir, ROOT),
+        }
+        with open(results_file(protocol), "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        show = {
+            k: final.get(k)
+            for k in (
+                "accuracy_known",
+                "accuracy_routed",
+                "accuracy_holdout",
+                "num_clusters",
+                "ari",
+            )
+        }
+        print(f"[bench]    done in {row['seconds']:.0f} s: {json.dumps(show)}", flush=True)
+    return failures
+
+
+def machine() -> str:
+    """A one-line description of where the numbers come from."""
+    import torch
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
+    return f"{platform.machine()} {os.cpu_count()} cores, {dev}, torch {torch.__version__}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("protocol", nargs="?", choices=sorted(PROTOCOLS))
+    parser.add_argument("--strategys", "--strategies", dest="strategys", help="comma list")
+    parser.add_argument("--shifts", help="comma list (flux-fmnist)")
+    parser.add_argument("--levels", help="comma list (flux-fmnist)")
+    parser.add_argument("--settings", help="comma list (feddag-fmnist)")
+    parser.add_argument("--seeds", help="comma list")
+    parser.add_argument("--rounds", type=int, help="override num-server-rounds")
+    parser.add_argument("--device", help="auto | cpu | cuda")
+    parser.add_argument("--max-runs", type=int, default=0, help="stop after this many runs")
+    parser.add_argument("--list", action="store_true", help="only list the runs still to do")
+    parser.add_argument("--quiet", action="store_true", help="no per-round log lines")
+    parser.add_argument("--report", action="store_true", help="(re)write docs/BENCHMARKS.md")
+    args = parser.parse_args()
+    failures = 0
+    if args.protocol:
+        failures = run_grid(args.protocol, args)
+    if args.report or not args.protocol:
+        from bench_report import write_report  # scripts/bench_report.py
+
+        write_report(PROTOCOLS, PAPER, {p: load_done(p) for p in PROTOCOLS})
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
