@@ -101,3 +101,10 @@ def test_conf_files_are_valid_and_match_the_benchmark_protocols():
         protocol = "flux-fmnist" if "flux-fmnist" in path else "feddag-fmnist"
         for key, value in bench.PROTOCOLS[protocol]["config"].items():
             assert values[key] == value, (path, key)
+
+
+def test_every_key_is_documented():
+    with open(os.path.join(ROOT, "docs", "CONFIG.md")) as fh:
+        doc = fh.read()
+    missing = [k for k in _pyproject_config() if f"| `{k}` |" not in doc]
+    assert not missing, f"keys missing from docs/CONFIG.md: {missing}"
