@@ -15,7 +15,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-STRATEGIES = ("fedavg", "local", "oracle", "flux", "feddag", "ifca", "cfl", "pacfl", "fesem")
+STRATEGIES = (
+    "fedavg",
+    "local",
+    "oracle",
+    "flux",
+    "feddag",
+    "ifca",
+    "cfl",
+    "pacfl",
+    "fesem",
+    "kmeans-flux",
+)
 DATASETS = ("digits", "fmnist", "mnist", "cifar10", "cifar100", "synthetic")
 SHIFTS = ("none", "px", "py", "pyx", "pxy", "label-skew", "concept", "dirichlet")
 MODELS = ("lenet5", "cnn", "resnet9")

@@ -116,3 +116,11 @@ def test_late_node_is_routed_by_descriptor(flux_run):
 def test_flux_runs_through_inprocess_runner(flux_run):
     results, _ = run_inprocess(flux_run, 4)
     assert results["final"]["cluster_round"] == 1
+
+
+def test_kmeans_example_subclass(flux_run):
+    """The docs/EXTENDING.md example: k-means with a given K on FLUX descriptors."""
+    strategy, results = _run(flux_run | {"strategy": "kmeans-flux", "num-clusters": 3, "holdout-clients": 2}, 11)
+    assert results["clustering"]["num_clusters"] == 3
+    assert results["clustering"]["ari"] >= 0.9
+    assert results["final"]["routing_accuracy"] == 1.0

@@ -8,6 +8,7 @@ from flux_app.strategies.base import ClusteredStrategy, NodeInfo, Reply
 from flux_app.strategies.fedavg import FedAvg
 from flux_app.strategies.feddag import FedDag
 from flux_app.strategies.flux import Flux
+from flux_app.strategies.kmeans_flux import KMeansFlux
 from flux_app.strategies.local import Local
 from flux_app.strategies.oracle import Oracle
 
@@ -17,6 +18,7 @@ STRATEGIES: dict[str, type[ClusteredStrategy]] = {
     Local.name: Local,
     Oracle.name: Oracle,
     Flux.name: Flux,
+    KMeansFlux.name: KMeansFlux,  # the docs/EXTENDING.md example
     FedDag.name: FedDag,
 }
 

@@ -131,16 +131,7 @@ class Flux(ClusteredStrategy):
             logger.warning("no valid descriptor: staying with one global model")
             return
         ids = self._ordered(descs)
-        self.result = cluster_descriptors(
-            [descs[n] for n in ids],
-            method=cfg.flux_clusterer,
-            min_cluster_size=cfg.flux_min_cluster_size,
-            noise_policy=cfg.flux_noise_policy,
-            attach_tolerance=cfg.flux_attach_tolerance,
-            iid_guard=cfg.flux_iid_guard,
-            missing_penalty=cfg.flux_missing_penalty,
-            seed=cfg.seed,
-        )
+        self.result = self.fit_clusters([descs[n] for n in ids])
         self.cluster_round = server_round
         global_model = self.models[0]
         self.models = {z: clone_state(global_model) for z in range(self.result.num_clusters)}
@@ -165,6 +156,24 @@ class Flux(ClusteredStrategy):
             notes=list(self.result.notes),
             scales=self.result.normaliser.scales,
             bytes_descriptor_up=self.traffic["query.descriptor"]["up"],
+        )
+
+    def fit_clusters(self, descriptors: list[FluxDescriptor]) -> FluxClustering:
+        """Hook: turn the training nodes' descriptors into clusters (FLUX: no K given).
+
+        A subclass may cluster differently; routing only needs the returned
+        :class:`FluxClustering` (labels, normaliser, label-free centroids).
+        """
+        cfg = self.cfg
+        return cluster_descriptors(
+            descriptors,
+            method=cfg.flux_clusterer,
+            min_cluster_size=cfg.flux_min_cluster_size,
+            noise_policy=cfg.flux_noise_policy,
+            attach_tolerance=cfg.flux_attach_tolerance,
+            iid_guard=cfg.flux_iid_guard,
+            missing_penalty=cfg.flux_missing_penalty,
+            seed=cfg.seed,
         )
 
     def _largest(self) -> int:
