@@ -111,7 +111,9 @@ def simulate(
         name = "sim-" + time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
         extra.append(f'run-name="{name}"')
     cmd = ["flwr", "run", ".", "--stream", "--federation-config"]
-    resources = f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_node}"
+    # Flower wants integers where the value is whole ("1", not "1.0").
+    cpus = int(cpus_per_node) if float(cpus_per_node).is_integer() else cpus_per_node
+    resources = f"num-supernodes={nodes} client-resources-num-cpus={cpus}"
     if gpus_per_node:
         resources += f" client-resources-num-gpus={gpus_per_node}"
     cmd.append(resources)
