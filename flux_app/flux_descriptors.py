@@ -472,7 +472,9 @@ def compute_flux_descriptor(
             f = features(x)
             f = f.reshape(f.shape[0], -1).float()
             if f.shape[1] != proj.shape[1]:
-                raise ValueError(f"features have dim {f.shape[1]}, projection expects {proj.shape[1]}")
+                raise ValueError(
+                    f"features have dim {f.shape[1]}, projection expects {proj.shape[1]}"
+                )
             if clip_norm > 0:
                 norms = f.norm(dim=1, keepdim=True)
                 f = f * torch.clamp(clip_norm / norms.clamp(min=1e-12), max=1.0)
@@ -616,6 +618,10 @@ def privatize(
     class_sigma = np.zeros_like(desc.class_sigma)
     for ci in np.flatnonzero(desc.present):
         n_c = int(desc.class_counts[ci])
-        check(desc.class_mu[ci], second_moment(desc.class_mu[ci], desc.class_sigma[ci], n_c), f"class {ci}")
+        check(
+            desc.class_mu[ci],
+            second_moment(desc.class_mu[ci], desc.class_sigma[ci], n_c),
+            f"class {ci}",
+        )
         class_mu[ci], class_sigma[ci] = noisy(desc.class_mu[ci], desc.class_sigma[ci], n_c)
     return FluxDescriptor(mu, sigma, desc.n, class_mu, class_sigma, desc.class_counts.copy())

@@ -36,7 +36,8 @@ def handle_descriptor(content: RecordDict, rt: ClientRuntime) -> RecordDict:
     model.to(device).eval()
     d = rt.data
     x, y = (d.x_train, d.y_train) if split == "train" else (d.x_test, d.y_test)
-    k = int(config.get("proj-dim", 0)) or d.num_classes
+    # K defaults to the number of classes, capped at the feature width (CIFAR-100 on LeNet-5).
+    k = int(config.get("proj-dim", 0)) or min(d.num_classes, model.feature_dim)
     projection = projection_matrix(model.feature_dim, k, int(config.get("proj-seed", 0)))
     clip = float(config.get("dp-clip", 0.0))
     desc = compute_flux_descriptor(

@@ -103,7 +103,7 @@ class Flux(ClusteredStrategy):
         }
         replies = self.send("query.descriptor", contents, server_round)
         info = self.nodes[node_ids[0]] if node_ids else None
-        dim = self.cfg.flux_proj_dim or (info.num_classes if info else 0)
+        dim = self.cfg.flux_proj_dim or (min(info.num_classes, self.feature_dim()) if info else 0)
         out: dict[int, FluxDescriptor] = {}
         for node_id in node_ids:
             if node_id not in replies:
@@ -120,6 +120,10 @@ class Flux(ClusteredStrategy):
                     "node %s: invalid descriptor (%s); excluded from clustering", node_id, err
                 )
         return out
+
+    def feature_dim(self) -> int:
+        """Width of the extractor's features (the head's input)."""
+        return int(self.extractor["head.weight"].shape[1]) if self.extractor is not None else 0
 
     def cluster_now(self, server_round: int) -> None:
         """The clustering round: descriptors with the frozen global model, clusters, models."""
