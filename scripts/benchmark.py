@@ -2,7 +2,7 @@
 """Benchmark harness: a grid of (strategy x shift x level x seed) runs of one paper protocol.
 
 Every run goes through the real ServerApp and ClientApp code, driven by the in-process grid
-(:mod:`flux_app.inprocess`: no Ray, no SuperLink; tests/test_inprocess_equivalence.py checks it
+(:mod:`flux_app.inprocess`: no Ray, no SuperLink; tests/test_e2e_flwr.py checks it
 gives the same results as ``flwr run`` for the same seed). Each finished run appends one JSON
 line to the protocol's results file; a rerun skips what is there, so a long grid can be finished
 over several sittings (or on a GPU machine) and interrupted at any point without losing runs.

@@ -16,12 +16,14 @@ Examples
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,24 +65,41 @@ def run_status(run_id: str, env: dict[str, str]) -> str:
 def stop_local_superlink(flwr_home: str) -> int:
     """Stop the local SuperLink (and its executor) that ``flwr run`` started for ``flwr_home``.
 
-    Only processes whose command line names this FLWR_HOME are touched.
+    Only the SuperLink whose command line names this FLWR_HOME, and its executor, are touched;
+    waits (up to 20 s) until they are gone.
     """
-    stopped = 0
+    links = [pid for pid, cmd in _processes() if "flower-superlink" in cmd and flwr_home in cmd]
+    # The SuperLink's executor runs in its own session and names only its parent's pid.
+    execs = [
+        pid
+        for pid, cmd in _processes()
+        if "flower-superexec" in cmd and any(f"--parent-pid {p}" in cmd for p in links)
+    ]
+    victims = links + execs
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + 20
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in victims):
+        time.sleep(0.2)
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(victims)
+
+
+def _processes() -> list[tuple[int, str]]:
+    """(pid, command line) of every live process."""
+    out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+                out.append((int(pid), fh.read().replace(b"\0", b" ").decode(errors="replace")))
         except OSError:
             continue
-        if ("flower-superlink" in cmd or "flower-superexec" in cmd) and flwr_home in cmd:
-            try:
-                os.kill(int(pid), signal.SIGTERM)
-                stopped += 1
-            except ProcessLookupError:
-                pass
-    return stopped
+    return out
 
 
 def simulate(
@@ -125,22 +144,32 @@ def simulate(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     run_id, results = "", ""
-    deadline = time.time() + timeout
+    # A watchdog, so that a run that hangs without printing is stopped too.
+    killed = threading.Event()
+
+    def _kill() -> None:
+        killed.set()
+        proc.kill()
+
+    watchdog = threading.Timer(timeout, _kill)
+    watchdog.start()
     assert proc.stdout is not None
-    for line in proc.stdout:
-        if not quiet:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-        if m := re.search(r"started run (\d+)", line):
-            run_id = m.group(1)
-        if m := re.search(r"results written to (\S+)", line):
-            results = m.group(1)
-        if time.time() > deadline:
-            proc.kill()
-            break
-    proc.wait()
+    try:
+        for line in proc.stdout:
+            if not quiet:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            if m := re.search(r"started run (\d+)", line):
+                run_id = m.group(1)
+            if m := re.search(r"results written to (\S+)", line):
+                results = m.group(1)
+        proc.wait()
+    finally:
+        watchdog.cancel()
     if not run_id:
         return "", "not-started", ""
+    if killed.is_set():  # the log stream was cut: stop the run itself too
+        subprocess.run(["flwr", "stop", run_id], cwd=ROOT, env=env, capture_output=True, timeout=60)
     status = ""
     for _ in range(30):  # the status may lag the end of the log stream by a moment
         status = run_status(run_id, env)

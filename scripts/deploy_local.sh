@@ -1,0 +1,297 @@
+#!/usr/bin/env bash
+# Deploy flux-app on loopback: one SuperLink and N SuperNodes (real Flower deployment runtime,
+# no simulation engine), run the app once with `flwr run . deploy --stream`, check through
+# `flwr ls` that the run ended as finished:completed, and stop every process this script started.
+#
+# Usage: scripts/deploy_local.sh [-n NODES] [-c 'key=value ...']... [--timeout S] [--workdir DIR]
+#                                [--late-nodes]
+#   -n, --nodes N      SuperNodes to start (default 3); node i gets
+#                      --node-config "partition-id=i num-partitions=N"
+#   -c, --run-config   run-config overrides for `flwr run` (repeatable; 'key=value ...' or a
+#                      .toml file); added after the demo defaults
+#                      dataset="digits" num-server-rounds=2
+#   --timeout S        seconds the run may take before it is stopped (default 900)
+#   --workdir DIR      folder for logs and the private FLWR_HOME (default: a fresh mktemp folder)
+#   --late-nodes       submit the run first and start the SuperNodes afterwards (the ServerApp
+#                      waits for num-partitions nodes itself)
+# Exit status: 0 only when the run finished:completed.
+set -euo pipefail
+
+ORIG_PWD="$PWD"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BIN="$ROOT/.venv/bin"
+NODES=3
+TIMEOUT=900
+WORKDIR=""
+LATE_NODES=0
+CONFIGS=()
+
+die() { echo "[deploy] error: $*" >&2; exit 2; }
+usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -n|--nodes) [ $# -ge 2 ] || die "$1 needs a value"; NODES="$2"; shift 2 ;;
+    -c|--run-config) [ $# -ge 2 ] || die "$1 needs a value"; CONFIGS+=("$2"); shift 2 ;;
+    --timeout) [ $# -ge 2 ] || die "$1 needs a value"; TIMEOUT="$2"; shift 2 ;;
+    --workdir) [ $# -ge 2 ] || die "$1 needs a value"; WORKDIR="$2"; shift 2 ;;
+    --late-nodes) LATE_NODES=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) usage >&2; die "unknown argument: $1" ;;
+  esac
+done
+[[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$NODES'"
+[[ "$TIMEOUT" =~ ^[1-9][0-9]*$ ]] || die "--timeout must be a positive integer, got '$TIMEOUT'"
+for b in flower-superlink flower-supernode flwr python; do
+  [ -x "$BIN/$b" ] || die "$BIN/$b not found: run scripts/setup.sh first"
+done
+
+if [ -z "$WORKDIR" ]; then
+  WORKDIR="$(mktemp -d "${TMPDIR:-/tmp}/flux-deploy.XXXXXX")"
+else
+  mkdir -p "$WORKDIR"
+  WORKDIR="$(cd "$WORKDIR" && pwd)"
+fi
+export FLWR_HOME="$WORKDIR/flwr-home"
+mkdir -p "$FLWR_HOME" "$WORKDIR/logs"
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 \
+  FLWR_DISABLE_UPDATE_CHECK=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+export PATH="$BIN:$PATH"  # SuperLink/SuperNode spawn flower-superexec / flwr-* by name
+
+# ------------------------------------------------------------------ cleanup
+TAIL_PID=""
+PIDS=()  # exactly the processes this script started (each the leader of its own session)
+cleanup_done=0
+
+descendants() {  # all live descendants of the given PIDs (pid list on stdout)
+  ps -eo pid=,ppid= | awk -v roots="$*" '
+    BEGIN { n = split(roots, r, " "); for (i = 1; i <= n; i++) keep[r[i]] = 1 }
+    { parent[$1] = $2; pids[++m] = $1 }
+    END {
+      changed = 1
+      while (changed) {
+        changed = 0
+        for (i = 1; i <= m; i++) {
+          p = pids[i]
+          if (!(p in keep) && (parent[p] in keep)) { keep[p] = 1; changed = 1 }
+        }
+      }
+      for (i = 1; i <= m; i++) if (pids[i] in keep) print pids[i]
+    }'
+}
+
+sessions_of() {  # session ids of the given PIDs
+  for p in "$@"; do ps -o sid= -p "$p" 2>/dev/null || true; done | awk '{print $1}' | sort -u
+}
+
+in_sessions() {  # live PIDs whose session id is one of the given ones
+  ps -eo pid=,sid= | awk -v s="$*" '
+    BEGIN { n = split(s, a, " "); for (i = 1; i <= n; i++) want[a[i]] = 1 }
+    ($2 in want) { print $1 }'
+}
+
+stop_all() {
+  [ "$cleanup_done" = 1 ] && return 0
+  cleanup_done=1
+  [ "${#PIDS[@]}" -gt 0 ] || return 0
+  # Everything started below our PIDs: SuperExec (SuperLink starts it in a new session),
+  # ServerApp and ClientApp subprocesses. Collect the tree and its sessions before signalling,
+  # so that processes re-parented to init are still found.
+  local tree sids left i
+  tree="$(descendants "${PIDS[@]}" | tr '\n' ' ')"
+  # shellcheck disable=SC2086
+  sids="$(sessions_of ${tree} | tr '\n' ' ')"
+  # shellcheck disable=SC2086
+  kill -TERM ${tree} 2>/dev/null || true
+  for i in $(seq 1 125); do
+    # shellcheck disable=SC2086
+    left="$( { in_sessions ${sids}; descendants "${PIDS[@]}"; } | sort -u | tr '\n' ' ')"
+    [ -z "${left// /}" ] && break
+    # SuperNodes need a few seconds to leave gracefully (they poll every 3 s)
+    [ "$i" = 100 ] && { kill -KILL ${left} 2>/dev/null || true; }
+    sleep 0.2
+  done
+  if [ -n "${left// /}" ]; then
+    echo "[deploy] WARNING: processes still running after SIGKILL: ${left}" >&2
+    return 1
+  fi
+  echo "[deploy] stopped all started processes (${#PIDS[@]} launched, tree of $(wc -w <<<"$tree"))"
+}
+
+on_exit() {
+  local rc=$?
+  set +e  # the cleanup must run to its end whatever fails on the way
+  trap '' INT TERM
+  [ -n "${TAIL_PID:-}" ] && kill "$TAIL_PID" 2>/dev/null
+  stop_all || rc=1
+  echo "[deploy] logs: $WORKDIR/logs"
+  exit "$rc"
+}
+trap on_exit EXIT
+trap 'echo "[deploy] interrupted" >&2; exit 130' INT
+trap 'echo "[deploy] terminated" >&2; exit 143' TERM
+
+# ------------------------------------------------------------------ ports
+# NODES+1 distinct free loopback ports, bound together so they cannot repeat.
+read -r -a PORTS <<<"$("$BIN/python" - "$((NODES + 1))" <<'EOF'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+)"
+LINK_PORT="${PORTS[0]}"
+
+http_ok() {  # http_ok URL: 0 when the URL answers 2xx
+  curl -fsS -o /dev/null --max-time 1 "$1" 2>/dev/null
+}
+
+# ------------------------------------------------------------------ SuperLink
+# Flower 1.42: Fleet, Control and Runtime (ServerAppIo) APIs are all served over HTTP on
+# --host/--port; --fleet-api-address / --control-api-address are deprecated.
+cd "$WORKDIR"  # the SuperLink's working directory (the ServerApp's cwd)
+setsid "$BIN/flower-superlink" --insecure --isolation subprocess \
+  --disable-runtime-dependency-installation \
+  --host 127.0.0.1 --port "$LINK_PORT" \
+  >"$WORKDIR/logs/superlink.log" 2>&1 </dev/null &
+PIDS+=("$!")
+LINK_PID="$!"
+for _ in $(seq 1 150); do
+  http_ok "http://127.0.0.1:$LINK_PORT/health" && break
+  kill -0 "$LINK_PID" 2>/dev/null || {
+    tail -n 30 "$WORKDIR/logs/superlink.log" >&2
+    die "flower-superlink exited during start-up"
+  }
+  sleep 0.2
+done
+http_ok "http://127.0.0.1:$LINK_PORT/health" || die "SuperLink not healthy after 30 s"
+echo "[deploy] superlink up on 127.0.0.1:$LINK_PORT (pid $LINK_PID, FLWR_HOME $FLWR_HOME)"
+
+cat >"$FLWR_HOME/config.toml" <<EOF
+[superlink]
+default = "deploy"
+
+[superlink.deploy]
+address = "127.0.0.1:$LINK_PORT"
+insecure = true
+EOF
+
+# ------------------------------------------------------------------ SuperNodes
+SUPERNODE_PIDS=()
+start_supernodes() {
+  local i port
+  for ((i = 0; i < NODES; i++)); do
+    port="${PORTS[$((i + 1))]}"
+    setsid "$BIN/flower-supernode" --insecure --superlink "127.0.0.1:$LINK_PORT" \
+      --host 127.0.0.1 --port "$port" \
+      --node-config "partition-id=$i num-partitions=$NODES" \
+      >"$WORKDIR/logs/supernode-$i.log" 2>&1 </dev/null &
+    PIDS+=("$!")
+    SUPERNODE_PIDS+=("$!")
+  done
+}
+
+wait_supernodes() {  # until every SuperNode logged its node id (= registered with the SuperLink)
+  local t i up
+  for t in $(seq 1 300); do
+    up=0
+    for ((i = 0; i < NODES; i++)); do
+      kill -0 "${SUPERNODE_PIDS[$i]}" 2>/dev/null || {
+        tail -n 30 "$WORKDIR/logs/supernode-$i.log" >&2
+        die "flower-supernode $i exited during start-up"
+      }
+      grep -q "SuperNode ID" "$WORKDIR/logs/supernode-$i.log" && up=$((up + 1))
+    done
+    [ "$up" = "$NODES" ] && break
+    sleep 0.2
+  done
+  [ "$up" = "$NODES" ] || die "only $up of $NODES SuperNodes registered within 60 s"
+  echo "[deploy] $NODES supernodes up (pids ${SUPERNODE_PIDS[*]}, runtime ports ${PORTS[*]:1})"
+}
+
+# ------------------------------------------------------------------ the run
+OVERRIDES=('dataset="digits" num-server-rounds=2')
+OVERRIDES+=("${CONFIGS[@]+"${CONFIGS[@]}"}")
+JOINED="${CONFIGS[*]+"${CONFIGS[*]}"}"
+EXTRA=()
+[[ "$JOINED" == *output-dir* ]] || EXTRA+=("output-dir=\"$ROOT/outputs\"")
+[[ "$JOINED" == *run-name* ]] || EXTRA+=("run-name=\"deploy-$(date +%Y%m%d-%H%M%S)-$$\"")
+[ "${#EXTRA[@]}" -gt 0 ] && OVERRIDES+=("${EXTRA[*]}")
+RUN_ARGS=()
+for o in "${OVERRIDES[@]}"; do
+  # a relative .toml path is meant relative to where the user called the script
+  if [[ "$o" == *.toml && "$o" != /* && -f "$ORIG_PWD/$o" ]]; then o="$ORIG_PWD/$o"; fi
+  RUN_ARGS+=(-c "$o")
+done
+
+if [ "$LATE_NODES" = 0 ]; then
+  start_supernodes
+  wait_supernodes
+fi
+
+cd "$ROOT"
+echo "[deploy] flwr run . deploy --stream ${RUN_ARGS[*]}"
+RUN_LOG="$WORKDIR/logs/flwr-run.log"
+# `flwr run --stream` runs in its own session too, so the cleanup finds it on a timeout/Ctrl-C.
+setsid "$BIN/flwr" run . deploy --stream "${RUN_ARGS[@]}" >"$RUN_LOG" 2>&1 </dev/null &
+FLWR_PID="$!"
+PIDS+=("$FLWR_PID")
+tail -n +1 -f --pid="$FLWR_PID" "$RUN_LOG" &
+TAIL_PID="$!"
+
+RUN_ID=""
+if [ "$LATE_NODES" = 1 ]; then
+  for _ in $(seq 1 300); do
+    RUN_ID="$(sed -n 's/.*started run \([0-9][0-9]*\).*/\1/p' "$RUN_LOG" | head -n 1)"
+    [ -n "$RUN_ID" ] && break
+    kill -0 "$FLWR_PID" 2>/dev/null || break
+    sleep 0.2
+  done
+  echo "[deploy] run ${RUN_ID:-?} submitted; starting the SuperNodes now"
+  start_supernodes
+  wait_supernodes
+fi
+
+deadline=$((SECONDS + TIMEOUT))
+while kill -0 "$FLWR_PID" 2>/dev/null; do
+  if [ "$SECONDS" -ge "$deadline" ]; then
+    echo "[deploy] run did not end within ${TIMEOUT} s; stopping it" >&2
+    RUN_ID="$(sed -n 's/.*started run \([0-9][0-9]*\).*/\1/p' "$RUN_LOG" | head -n 1)"
+    [ -n "$RUN_ID" ] && "$BIN/flwr" stop "$RUN_ID" deploy >/dev/null 2>&1 || true
+    break
+  fi
+  sleep 1
+done
+wait "$FLWR_PID" 2>/dev/null || true
+wait "$TAIL_PID" 2>/dev/null || true
+
+RUN_ID="$(sed -n 's/.*started run \([0-9][0-9]*\).*/\1/p' "$RUN_LOG" | head -n 1)"
+RESULTS="$(sed -n 's/.*results written to \([^[:space:]]*\).*/\1/p' "$RUN_LOG" | tail -n 1)"
+[ -n "$RUN_ID" ] || { echo "[deploy] no run was started (see $RUN_LOG)" >&2; exit 1; }
+
+# `flwr run --stream` exits 0 even when the run failed: ask the SuperLink.
+STATUS=""
+for _ in $(seq 1 30); do
+  STATUS="$("$BIN/flwr" ls deploy --run-id "$RUN_ID" --format json 2>/dev/null |
+    "$BIN/python" -c 'import json,sys
+try:
+    print(json.load(sys.stdin)["runs"][0]["status"])
+except Exception:
+    print("")' || true)"
+  [[ "$STATUS" == finished* ]] && break
+  sleep 1
+done
+echo "[deploy] run $RUN_ID: ${STATUS:-unknown status}"
+if [ "$STATUS" != "finished:completed" ]; then
+  echo "[deploy] the run did not complete; see $WORKDIR/logs" >&2
+  exit 1
+fi
+if [ -n "$RESULTS" ] && [ -f "$RESULTS" ]; then
+  echo "[deploy] results: $RESULTS"
+else
+  echo "[deploy] results.json not found (expected under the run's output-dir)" >&2
+  exit 1
+fi
