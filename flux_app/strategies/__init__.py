@@ -5,12 +5,16 @@ from __future__ import annotations
 from flux_app.config import RunConfig
 from flux_app.results import RunRecorder
 from flux_app.strategies.base import ClusteredStrategy, NodeInfo, Reply
+from flux_app.strategies.cfl import Cfl
 from flux_app.strategies.fedavg import FedAvg
 from flux_app.strategies.feddag import FedDag
+from flux_app.strategies.fesem import Fesem
 from flux_app.strategies.flux import Flux
+from flux_app.strategies.ifca import Ifca
 from flux_app.strategies.kmeans_flux import KMeansFlux
 from flux_app.strategies.local import Local
 from flux_app.strategies.oracle import Oracle
+from flux_app.strategies.pacfl import Pacfl
 
 #: run-config ``strategy`` -> class. Methods register here.
 STRATEGIES: dict[str, type[ClusteredStrategy]] = {
@@ -20,6 +24,10 @@ STRATEGIES: dict[str, type[ClusteredStrategy]] = {
     Flux.name: Flux,
     KMeansFlux.name: KMeansFlux,  # the docs/EXTENDING.md example
     FedDag.name: FedDag,
+    Ifca.name: Ifca,
+    Cfl.name: Cfl,
+    Pacfl.name: Pacfl,
+    Fesem.name: Fesem,
 }
 
 
