@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -31,6 +33,7 @@ def _args(**kw) -> argparse.Namespace:
         max_runs=0,
         list=False,
         quiet=True,
+        shard=None,
     )
     return argparse.Namespace(**(base | kw))
 
@@ -68,6 +71,27 @@ def test_resume_skips_finished_runs(tmp_path, monkeypatch):
             assert len(fh.readlines()) == 2
     finally:
         del bench.PROTOCOLS["tiny"]
+
+
+def test_shards_split_settings_and_keep_methods_together(tmp_path, monkeypatch, capsys):
+    bench = _load("benchmark")
+    monkeypatch.setattr(bench, "RESULTS_DIR", str(tmp_path))
+    grid = dict(shifts="px,py,pyx", levels="1,8", seeds="0", list=True)
+    seen = []
+    for k in range(3):
+        capsys.readouterr()
+        assert bench.run_grid("flux-fmnist", _args(**grid, shard=(k, 3))) == 0
+        lines = capsys.readouterr().out.splitlines()[1:]
+        seen.append([json.loads(line) for line in lines])
+    settings = [{(c["shift"], c["level"]) for c in cells} for cells in seen]
+    assert [len(s) for s in settings] == [2, 2, 2]  # dealt evenly
+    assert set.union(*settings) == {(s, lv) for s in ("px", "py", "pyx") for lv in (1, 8)}
+    assert not settings[0] & settings[1] and not settings[1] & settings[2]
+    for cells in seen:  # every method of a setting in the same worker, back to back
+        assert len(cells) == 3 * len({(c["shift"], c["level"]) for c in cells})
+    assert bench._parse_shard("2/3") == (1, 3)
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench._parse_shard("4/3")
 
 
 def test_report_from_rows(tmp_path, monkeypatch):
