@@ -213,7 +213,7 @@ def handle_train(content: RecordDict, rt: ClientRuntime) -> RecordDict:
         d.y_train,
         epochs=int(config.get("local-epochs", rt.cfg.epochs)),
         lr=float(config.get("lr", rt.cfg.learning_rate)),
-        momentum=rt.cfg.momentum,
+        momentum=rt.cfg.sgd_momentum,
         weight_decay=rt.cfg.weight_decay,
         batch_size=rt.cfg.batch_size,
         device=rt.device,

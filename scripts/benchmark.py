@@ -56,7 +56,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
             "num-server-rounds": 8,
             "local-epochs": 10,
             "lr": 0.05,
-            "momentum": 0.9,
+            "momentum": 0.5,
             "batch-size": 64,
             "model": "lenet5",
         },

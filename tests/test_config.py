@@ -57,8 +57,15 @@ def test_auto_values_follow_dataset():
     assert cfg.learning_rate == DATASET_PROFILES["fmnist"]["lr"]
     assert cfg.epochs == DATASET_PROFILES["fmnist"]["local_epochs"]
     assert cfg.model_name == "lenet5"
-    cfg = RunConfig.from_mapping({"lr": 0.1, "local-epochs": 3, "model": "cnn"})
+    assert cfg.sgd_momentum == 0.9  # FLUX's protocol
+    assert RunConfig(dataset="digits").sgd_momentum == 0.5
+    cfg = RunConfig.from_mapping({"lr": 0.1, "local-epochs": 3, "model": "cnn", "momentum": 0.3})
     assert (cfg.learning_rate, cfg.epochs, cfg.model_name) == (0.1, 3, "cnn")
+    assert cfg.sgd_momentum == 0.3
+    with pytest.raises(ConfigError, match="momentum"):
+        RunConfig.from_mapping({"momentum": -0.1})
+    with pytest.raises(ConfigError, match="momentum"):
+        RunConfig.from_mapping({"momentum": "fast"})
 
 
 def test_coercion_and_errors():

@@ -55,6 +55,7 @@ def digits_skew(tmp_path):
         "num-server-rounds": 1,
         "local-epochs": 1,
         "lr": 0.05,
+        "momentum": 0.9,  # the thresholds below were read from runs at 0.9
         "batch-size": 32,
         "num-clusters": 2,
         "output-dir": str(tmp_path / "out"),

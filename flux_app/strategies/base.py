@@ -467,6 +467,17 @@ class ClusteredStrategy:
             "bytes_model_up": self.traffic["train"]["up"],
             "bytes_model_down": self.traffic["train"]["down"],
             "excluded_nodes": {str(k): v for k, v in self.excluded.items()},
+            # per partition id: what the unweighted means above are means of
+            "accuracy_by_client": {
+                str(self.nodes[n].partition_id): float(self.last_eval[n]["accuracy"])
+                for n in self._ordered(self.last_eval)
+                if n in self.nodes
+            },
+            "accuracy_holdout_by_client": {
+                str(self.nodes[n].partition_id): float(holdout_eval[n]["accuracy"])
+                for n in self._ordered(holdout_eval)
+                if n in self.nodes
+            },
         }
         final.update(self.final_metrics())
         self.results["final"] = final
