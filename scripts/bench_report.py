@@ -43,13 +43,20 @@ def _machines(rows: list[dict[str, Any]]) -> str:
     return "; ".join(sorted({r.get("machine", "?") for r in rows}))
 
 
+def _head(spec: dict, rows: list[dict], protocol: str) -> tuple[list[str], dict | None]:
+    """A section's title, and the run-config of its first run (None: no runs, said so)."""
+    out = [f"## {spec['title']}", ""]
+    if not rows:
+        return out + [f"No runs yet: `python scripts/benchmark.py {protocol}`.", ""], None
+    return out, rows[0]["run_config"]
+
+
 def digits_section(spec: dict, done: dict[str, dict]) -> list[str]:
     """One table: every method on the digits protocol (the foundation check)."""
     rows = list(done.values())
-    out = [f"## {spec['title']}", ""]
-    if not rows:
-        return out + ["No runs yet: `python scripts/benchmark.py digits-px`.", ""]
-    cfg = rows[0]["run_config"]
+    out, cfg = _head(spec, rows, "digits-px")
+    if cfg is None:
+        return out
     out += [
         f"Command: `python scripts/benchmark.py digits-px`. Machine: {_machines(rows)}.",
         f"Protocol: {spec['nodes']} clients of scikit-learn's digits (resized to 28x28, ~120 "
@@ -70,9 +77,9 @@ def digits_section(spec: dict, done: dict[str, dict]) -> list[str]:
         rs = by[strategy]
         out.append(
             f"| {strategy} | {_pct([r['final']['accuracy_known'] for r in rs])} | "
-            f"{_mean([r['final']['num_clusters'] for r in rs]) or '–'} | "
+            f"{_fmt(_mean([r['final']['num_clusters'] for r in rs]), 1)} | "
             f"{_fmt(_mean([r['final']['ari'] for r in rs]))} | "
-            f"{_mean([r['final']['wall_seconds'] for r in rs]) or 0:.0f} | {len(rs)} |"
+            f"{_fmt(_mean([r['final']['wall_seconds'] for r in rs]), 0)} | {len(rs)} |"
         )
     return out + [""]
 
@@ -80,10 +87,9 @@ def digits_section(spec: dict, done: dict[str, dict]) -> list[str]:
 def flux_section(spec: dict, paper: dict, done: dict[str, dict]) -> list[str]:
     """Tables for the FLUX FMNIST protocol."""
     rows = list(done.values())
-    out = [f"## {spec['title']}", ""]
-    if not rows:
-        return out + ["No runs yet: `python scripts/benchmark.py flux-fmnist`.", ""]
-    cfg = rows[0]["run_config"]
+    out, cfg = _head(spec, rows, "flux-fmnist")
+    if cfg is None:
+        return out
     out += [
         f"Command: `python scripts/benchmark.py flux-fmnist` (filters used for the runs below: see the "
         f"`n` column). Machine: {_machines(rows)}.",
@@ -114,7 +120,7 @@ def flux_section(spec: dict, paper: dict, done: dict[str, dict]) -> list[str]:
             f"{_pct([r['final']['accuracy_holdout'] for r in fl])} | "
             f"{_pct([r['final']['accuracy_known'] for r in m.get('fedavg', [])])} | "
             f"{_pct([r['final']['accuracy_known'] for r in m.get('oracle', [])])} | "
-            f"{_mean([r['final']['num_clusters'] for r in fl]) or '–'} | "
+            f"{_fmt(_mean([r['final']['num_clusters'] for r in fl]), 1)} | "
             f"{_fmt(_mean([r['final']['ari'] for r in fl]))} | {len(fl)} |"
         )
     out += ["", "Mean over the four shifts (FLUX test phase vs the paper's FLUX):", ""]
@@ -155,10 +161,9 @@ def flux_section(spec: dict, paper: dict, done: dict[str, dict]) -> list[str]:
 def feddag_section(spec: dict, paper: dict, done: dict[str, dict]) -> list[str]:
     """Tables for the FedDAG FMNIST protocol."""
     rows = list(done.values())
-    out = [f"## {spec['title']}", ""]
-    if not rows:
-        return out + ["No runs yet: `python scripts/benchmark.py feddag-fmnist`.", ""]
-    cfg = rows[0]["run_config"]
+    out, cfg = _head(spec, rows, "feddag-fmnist")
+    if cfg is None:
+        return out
     out += [
         f"Command: `python scripts/benchmark.py feddag-fmnist`. Machine: {_machines(rows)}.",
         f"Protocol: {spec['nodes']} clients, {int(100 * cfg['fraction-train'])} % sampled per round, "
@@ -176,7 +181,7 @@ def feddag_section(spec: dict, paper: dict, done: dict[str, dict]) -> list[str]:
         best = [r["final"].get("accuracy_best_over_rounds") for r in rs]
         out.append(
             f"| {setting} | {strategy} | {_pct([r['final']['accuracy_known'] for r in rs])} | {_pct(best)} | "
-            f"{paper.get(setting, {}).get(strategy, '–')} | {_mean([r['final']['num_clusters'] for r in rs]) or '–'} | "
+            f"{paper.get(setting, {}).get(strategy, '–')} | {_fmt(_mean([r['final']['num_clusters'] for r in rs]), 1)} | "
             f"{_fmt(_mean([r['final']['ari'] for r in rs]))} | {len(rs)} |"
         )
     out += ["", f"Paper: {paper['note']}.", ""]
@@ -190,8 +195,8 @@ def _level_mean(by: dict, shifts: list[str], level: int, strategy: str, key: str
     return "–" if v is None else f"{100 * v:.1f}"
 
 
-def _fmt(v: float | None) -> str:
-    return "–" if v is None else f"{v:.2f}"
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
 
 
 def plot_flux(done: dict[str, dict]) -> str | None:
@@ -239,19 +244,32 @@ def plot_flux(done: dict[str, dict]) -> str | None:
     return path
 
 
+def notes(protocol: str) -> list[str]:
+    """The hand-written reading of a protocol's numbers (docs/benchmarks/<protocol>-notes.md),
+    kept apart so that regenerating the tables never loses it."""
+    path = os.path.join(PLOTS, f"{protocol}-notes.md")
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return [fh.read().rstrip(), ""]
+
+
 def write_report(protocols: dict, paper: dict, done: dict[str, dict[str, dict]]) -> str:
     """Write docs/BENCHMARKS.md (and plots) from the finished runs."""
     os.makedirs(PLOTS, exist_ok=True)
     lines = [HEADER]
     lines += digits_section(protocols["digits-px"], done.get("digits-px", {}))
+    lines += notes("digits-px")
     lines += flux_section(
         protocols["flux-fmnist"], paper["flux-fmnist"], done.get("flux-fmnist", {})
     )
     if plot_flux(done.get("flux-fmnist", {})):
         lines += ["![FLUX protocol: accuracy vs level](benchmarks/flux-fmnist.png)", ""]
+    lines += notes("flux-fmnist")
     lines += feddag_section(
         protocols["feddag-fmnist"], paper["feddag-fmnist"], done.get("feddag-fmnist", {})
     )
+    lines += notes("feddag-fmnist")
     with open(DOC, "w") as fh:
         fh.write("\n".join(lines).rstrip() + "\n")
     print(f"[bench] wrote {os.path.relpath(DOC, ROOT)}")
