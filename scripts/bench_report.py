@@ -6,6 +6,7 @@ from the results files; nothing is typed in by hand except the papers' published
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 from collections import defaultdict
@@ -244,6 +245,38 @@ def plot_flux(done: dict[str, dict]) -> str | None:
     return path
 
 
+def overhead_section() -> list[str]:
+    """The app's cost over a bare PyTorch loop (scripts/overhead.py), when measured."""
+    path = os.path.join(PLOTS, "overhead.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        o = json.load(fh)
+    s = o["setting"]
+    return [
+        "## Overhead of the app against a bare PyTorch loop",
+        "",
+        f"Command: `{o['command']}`. Machine: {o['machine']}; {s['threads']} torch thread(s).",
+        f"FedAvg, {s['dataset']} shift {s['shift']} level {s['level']}, {s['nodes']} clients, "
+        f"{s['num-server-rounds']} rounds of {s['local-epochs']} epochs, batch {s['batch-size']}, "
+        "every client evaluated every round. *app* = the real ServerApp/ClientApp through the "
+        "in-process grid (records, messages, validation, results.json, checkpoints, plot); *bare* "
+        "= the same partitions, model, optimiser and evaluation as a plain loop. Run alternately "
+        "in one process.",
+        "",
+        "| | " + " | ".join(f"repeat {i + 1}" for i in range(len(o["seconds"]["app"]))) + " |",
+        "|---|" + "---|" * len(o["seconds"]["app"]),
+        "| app (s) | " + " | ".join(f"{t:.1f}" for t in o["seconds"]["app"]) + " |",
+        "| bare (s) | " + " | ".join(f"{t:.1f}" for t in o["seconds"]["bare"]) + " |",
+        "| app / bare | " + " | ".join(f"{r:.3f}" for r in o["ratio_app_over_bare"]) + " |",
+        "",
+        f"Median ratio {o['median_ratio']:.3f}x. Final accuracy: app "
+        f"{100 * o['final_accuracy']['app']:.1f} %, bare {100 * o['final_accuracy']['bare']:.1f} % "
+        "(batch orders differ, the training is the same).",
+        "",
+    ]
+
+
 def notes(protocol: str) -> list[str]:
     """The hand-written reading of a protocol's numbers (docs/benchmarks/<protocol>-notes.md),
     kept apart so that regenerating the tables never loses it."""
@@ -270,6 +303,7 @@ def write_report(protocols: dict, paper: dict, done: dict[str, dict[str, dict]])
         protocols["feddag-fmnist"], paper["feddag-fmnist"], done.get("feddag-fmnist", {})
     )
     lines += notes("feddag-fmnist")
+    lines += overhead_section()
     with open(DOC, "w") as fh:
         fh.write("\n".join(lines).rstrip() + "\n")
     print(f"[bench] wrote {os.path.relpath(DOC, ROOT)}")
