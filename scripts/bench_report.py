@@ -151,6 +151,17 @@ def flux_section(spec: dict, paper: dict, done: dict[str, dict]) -> list[str]:
             f"{statistics.median(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x over "
             f"{len(ratios)} pairs (paper: 1.3-2x).",
         ]
+    timing = _load_json("wall-ratio.json")
+    if timing:
+        st = timing["setting"]
+        out += [
+            "",
+            f"Measured side by side (`{timing['command']}`: {st['a']} and {st['b']} alternately in "
+            f"one process, shift {st['shift']} level {st['level']} seed {st['seed']}, "
+            f"{len(timing['wall_seconds'][st['a']])} runs each): {st['a']} / {st['b']} = "
+            f"{timing['wall_ratio']:.3f}x wall, {timing['cpu_ratio']:.3f}x CPU time. "
+            "The grid's own ratios above scatter with the load of whatever else ran.",
+        ]
     out += [
         "",
         f"Paper: {paper['note']}; level 8 best baseline {paper['best_baseline_level8']}.",
@@ -245,13 +256,20 @@ def plot_flux(done: dict[str, dict]) -> str | None:
     return path
 
 
+def _load_json(name: str) -> dict | None:
+    """A measurement file of docs/benchmarks/, or None when it has not been made."""
+    path = os.path.join(PLOTS, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
 def overhead_section() -> list[str]:
     """The app's cost over a bare PyTorch loop (scripts/overhead.py), when measured."""
-    path = os.path.join(PLOTS, "overhead.json")
-    if not os.path.exists(path):
+    o = _load_json("overhead.json")
+    if o is None:
         return []
-    with open(path) as fh:
-        o = json.load(fh)
     s = o["setting"]
     return [
         "## Overhead of the app against a bare PyTorch loop",
