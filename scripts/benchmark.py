@@ -111,9 +111,11 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
             "seed": [0],
         },
         "settings": {
-            "dist1-a1": {"shift": "label-skew", "rho": 0.2, "alpha": 1.0},
-            "dist1-a0.25": {"shift": "label-skew", "rho": 0.2, "alpha": 0.25},
-            "dist2": {"shift": "concept"},
+            # num-clusters (IFCA / FeSEM only): the number of planted groups, as their papers
+            # assume K known; the clustering methods are not told it
+            "dist1-a1": {"shift": "label-skew", "rho": 0.2, "alpha": 1.0, "num-clusters": 5},
+            "dist1-a0.25": {"shift": "label-skew", "rho": 0.2, "alpha": 0.25, "num-clusters": 5},
+            "dist2": {"shift": "concept", "num-clusters": 3},
         },
     },
 }
@@ -294,6 +296,17 @@ def run_workers(argv: list[str], workers: int) -> int:
         for i in range(1, workers + 1)
     ]
     return sum(1 for p in procs if p.wait() != 0)
+
+
+def save_measurement(path: str, record: dict[str, Any]) -> None:
+    """Write a one-off measurement (scripts/overhead.py, wall_ratio.py) with where and when."""
+    record = record | {
+        "machine": machine(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(record, fh, indent=2)
 
 
 def machine() -> str:

@@ -19,7 +19,6 @@ Example
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -104,7 +103,7 @@ def main() -> int:
     import logging
 
     import torch
-    from benchmark import machine  # scripts/benchmark.py
+    from benchmark import save_measurement  # scripts/benchmark.py
 
     from flux_app.config import RunConfig
     from flux_app.inprocess import run_inprocess
@@ -147,12 +146,8 @@ def main() -> int:
         "ratio_app_over_bare": ratios,
         "median_ratio": statistics.median(ratios),
         "final_accuracy": accs,
-        "machine": machine(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as fh:
-        json.dump(out, fh, indent=2)
+    save_measurement(args.output, out)
     print(f"[overhead] app / bare: median {out['median_ratio']:.3f}x ({ratios}) -> {args.output}")
     return 0
 

@@ -16,7 +16,6 @@ Example
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -41,7 +40,7 @@ def main() -> int:
     import logging
 
     import torch
-    from benchmark import PROTOCOLS, machine, run_config
+    from benchmark import PROTOCOLS, run_config, save_measurement
 
     from flux_app.inprocess import run_inprocess
 
@@ -83,11 +82,8 @@ def main() -> int:
         "cpu_seconds": cpu,
         "wall_ratio": statistics.median(wall[a]) / statistics.median(wall[b]),
         "cpu_ratio": statistics.median(cpu[a]) / statistics.median(cpu[b]),
-        "machine": machine(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    with open(args.output, "w") as fh:
-        json.dump(out, fh, indent=2)
+    save_measurement(args.output, out)
     print(f"[ratio] {a}/{b}: wall {out['wall_ratio']:.3f}x, CPU {out['cpu_ratio']:.3f}x")
     return 0
 
