@@ -34,8 +34,8 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # Per-dataset values used where the run-config says "auto". digits has ~120 samples per client
 # at 12 clients: the FLUX protocol's lr 0.005 / 2 epochs leaves LeNet-5 at chance there, and
-# lr 0.05 with momentum 0.9 (an effective step of 0.5) sends some 4-client cluster models into
-# dead ReLUs for good (Oracle, px level 2, seed 1: one cluster at 3-10 % after 8 rounds), while
+# lr 0.05 with momentum 0.9 (an effective step of 0.5) leaves some 4-client cluster models stuck
+# near chance for good (Oracle, px level 2, seed 1: one cluster at 3-10 % after 8 rounds), while
 # momentum 0.5 trains every cluster (docs/DECISIONS.md).
 DATASET_PROFILES: dict[str, dict[str, Any]] = {
     "digits": {"lr": 0.05, "momentum": 0.5, "local_epochs": 10, "model": "lenet5"},
