@@ -16,9 +16,9 @@ Examples
     python scripts/benchmark.py --report                                     # docs only
     python scripts/benchmark.py flux-fmnist --workers 2                      # 2 processes
 
-``--workers N`` runs the grid in N processes of one torch thread each, every process taking the
-settings (all methods of one shift/level/seed, back to back, so wall-time ratios compare runs
-made under the same load) whose index is its own modulo N. On a 2-core machine two single-thread
+``--workers N`` runs the grid in N processes of one torch thread each; the settings with work
+left (a setting = all methods of one shift/level/seed, run back to back so that wall-time ratios
+compare runs made under the same load) are dealt to them round-robin in grid order. On a 2-core machine two single-thread
 workers train ~1.3x faster than one two-thread process (measured: 2 x 5.0k vs 7.9k LeNet-5
 samples/s).
 """
