@@ -167,7 +167,69 @@ def flux_section(spec: dict, paper: dict, done: dict[str, dict]) -> list[str]:
         f"Paper: {paper['note']}; level 8 best baseline {paper['best_baseline_level8']}.",
         "",
     ]
-    return out
+    return out + flux_peers_table(spec, by)
+
+
+#: (column, strategy, results key) of the every-method table of the FLUX protocol
+PEER_COLUMNS = [
+    ("FLUX test phase", "flux", "accuracy_routed"),
+    ("FLUX known", "flux", "accuracy_known"),
+    ("FedAvg", "fedavg", "accuracy_known"),
+    ("Local", "local", "accuracy_known"),
+    ("PACFL", "pacfl", "accuracy_known"),
+    ("IFCA", "ifca", "accuracy_known"),
+    ("FeSEM", "fesem", "accuracy_known"),
+    ("CFL", "cfl", "accuracy_known"),
+    ("Oracle", "oracle", "accuracy_known"),
+]
+PEERS = ("local", "pacfl", "ifca", "fesem", "cfl")
+
+
+def flux_peers_table(spec: dict, by: dict[tuple, dict[str, list[dict]]]) -> list[str]:
+    """Every method on the FLUX protocol, over the seeds where the peers ran (seed-matched)."""
+    rows = []
+    for (shift, level), m in sorted(by.items()):
+        seeds = sorted({r["cell"]["seed"] for p in PEERS for r in m.get(p, [])})
+        if seeds:
+            rows.append((shift, level, m, seeds))
+    if not rows:
+        return []
+    present = [c for c in PEER_COLUMNS if any(m.get(c[1]) for _, _, m, _ in rows)]
+    out = [
+        "Every method on the same partitions, seed-matched: each cell is the mean over the seeds "
+        "listed in its row (those where a peer ran). FLUX's *test phase* is label-free routing; "
+        "every other column is each client's accuracy with the model its method assigns in "
+        "training (IFCA and CFL pick it by loss on labelled data, FeSEM by parameter distance). "
+        "IFCA and FeSEM are given K = the number of planted groups among the training clients; "
+        f"PACFL's threshold is {spec['config'].get('pacfl-threshold', 'auto')} degrees from a "
+        "seed-1 pilot (`scripts/pacfl_threshold.py`, reads the planted groups).",
+        "",
+        "| shift | level | " + " | ".join(c[0] for c in present) + " | seeds |",
+        "|---|---|" + "---|" * len(present) + "---|",
+    ]
+    per_level: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for shift, level, m, seeds in rows:
+        cells = []
+        for name, strategy, key in present:
+            vals = [r["final"][key] for r in m.get(strategy, []) if r["cell"]["seed"] in seeds]
+            v = _mean(vals)
+            cells.append("–" if v is None else f"{100 * v:.1f}")
+            if v is not None:
+                per_level[level][name].append(v)
+        out.append(
+            f"| {shift} | {level} | " + " | ".join(cells) + f" | {','.join(map(str, seeds))} |"
+        )
+    out += ["", "Mean over the rows of each level (only methods with every row of that level):", ""]
+    out += [
+        "| level | " + " | ".join(c[0] for c in present) + " | rows |",
+        "|---|" + "---|" * len(present) + "---|",
+    ]
+    for level in sorted(per_level):
+        n = sum(1 for r in rows if r[1] == level)
+        vals = [per_level[level].get(c[0], []) for c in present]
+        cells = [f"{100 * statistics.mean(v):.1f}" if len(v) == n else "–" for v in vals]
+        out.append(f"| {level} | " + " | ".join(cells) + f" | {n} |")
+    return out + [""]
 
 
 def feddag_section(spec: dict, paper: dict, done: dict[str, dict]) -> list[str]:

@@ -41,8 +41,9 @@ def _args(**kw) -> argparse.Namespace:
 def test_grid_filters_and_order():
     bench = _load("benchmark")
     cells = list(bench.cells("flux-fmnist", _args(shifts="px,py", levels="1", seeds="0")))
-    assert len(cells) == 2 * 1 * 1 * 3
-    assert [c["strategy"] for c in cells[:3]] == ["flux", "fedavg", "oracle"]  # side by side
+    methods = bench.PROTOCOLS["flux-fmnist"]["grid"]["strategy"]
+    assert len(cells) == 2 * 1 * 1 * len(methods)
+    assert [c["strategy"] for c in cells[: len(methods)]] == methods  # side by side
     cfg = bench.run_config(
         "feddag-fmnist", {"setting": "dist2", "strategy": "feddag*", "seed": 0}, None
     )
@@ -88,7 +89,8 @@ def test_shards_split_settings_and_keep_methods_together(tmp_path, monkeypatch, 
     assert set.union(*settings) == {(s, lv) for s in ("px", "py", "pyx") for lv in (1, 8)}
     assert not settings[0] & settings[1] and not settings[1] & settings[2]
     for cells in seen:  # every method of a setting in the same worker, back to back
-        assert len(cells) == 3 * len({(c["shift"], c["level"]) for c in cells})
+        methods = len(bench.PROTOCOLS["flux-fmnist"]["grid"]["strategy"])
+        assert len(cells) == methods * len({(c["shift"], c["level"]) for c in cells})
     assert bench._parse_shard("2/3") == (1, 3)
     with pytest.raises(argparse.ArgumentTypeError):
         bench._parse_shard("4/3")
@@ -121,12 +123,63 @@ def test_report_from_rows(tmp_path, monkeypatch):
             "machine": "test",
         }
 
+    runs = [row("flux", 0.9, 11.0), row("fedavg", 0.7, 10.0), row("ifca", 0.8, 12.0)]
     done = {
-        "flux-fmnist": {r["key"]: r for r in [row("flux", 0.9, 11.0), row("fedavg", 0.7, 10.0)]},
+        "flux-fmnist": {r["key"]: r for r in runs},
         "feddag-fmnist": {},
     }
     report.write_report(bench.PROTOCOLS, bench.PAPER, done)
     text = (tmp_path / "B.md").read_text()
     assert "| px | 1 | 90.0 | 89.0 | 88.0 | 70.0 |" in text
     assert "median 1.10x" in text
+    # the every-method table: only the methods that ran, seed-matched to the peer's seed
+    assert "| shift | level | FLUX test phase | FLUX known | FedAvg | IFCA | seeds |" in text
+    assert "| px | 1 | 89.0 | 90.0 | 70.0 | 80.0 | 0 |" in text
     assert (tmp_path / "flux-fmnist.png").exists()
+
+
+def _tiny_protocol(bench, shift: str, level: int) -> dict:
+    return {
+        "title": "tiny",
+        "nodes": 8,
+        "config": {"dataset": "synthetic", "holdout-clients": 2, "val-fraction": 0.0},
+        "k-from-groups": True,
+        "grid": {"strategy": ["pacfl"], "shift": [shift], "level": [level], "seed": [0]},
+    }
+
+
+def test_k_from_groups_counts_planted_groups_of_training_clients():
+    bench = _load("benchmark")
+    from flux_app.client import shift_spec
+    from flux_app.config import RunConfig
+    from flux_app.data import load_source, partition_groups
+
+    for shift, level in (("none", 1), ("px", 4), ("py", 8)):
+        bench.PROTOCOLS["tiny"] = _tiny_protocol(bench, shift, level)
+        try:
+            cell = {"shift": shift, "level": level, "seed": 0, "strategy": "ifca"}
+            k = bench.run_config("tiny", cell, None)["num-clusters"]
+        finally:
+            del bench.PROTOCOLS["tiny"]
+        rc = RunConfig.from_mapping({"dataset": "synthetic", "shift": shift, "level": level})
+        groups = partition_groups(load_source("synthetic", "", 0), shift_spec(rc), 8)
+        assert k == len(set(groups[:6].tolist()))  # held-out clients' groups do not count
+        if shift == "none":
+            assert k == 1
+        else:
+            assert k >= 2
+
+
+def test_pacfl_pilot_threshold_recovers_planted_rotations(monkeypatch, capsys):
+    pilot = _load("pacfl_threshold")
+    bench = sys.modules["benchmark"]  # the harness module the pilot imported
+    bench.PROTOCOLS["tiny"] = _tiny_protocol(bench, "px", 4)
+    try:
+        monkeypatch.setattr(sys, "argv", ["pacfl_threshold.py", "tiny", "--seed", "1"])
+        assert pilot.main() == 0
+    finally:
+        del bench.PROTOCOLS["tiny"]
+    out = capsys.readouterr().out
+    assert "'best_ari': 1.0" in out
+    chosen = float(out.strip().splitlines()[-1].split("chosen ")[1])
+    assert "mean ARI 1.000" in out and 0 < chosen < 45
