@@ -84,6 +84,11 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
             # `python scripts/pacfl_threshold.py flux-fmnist --seed 1 --save` (seed 1 is not an
             # evaluation seed; it reads the planted groups: generous to PACFL)
             "pacfl-threshold": 0.552,
+            # CFL: the paper's eps1, eps2 scaled to this model's update norms and a first split
+            # check at round 3 of 10 (pilots: scripts/cfl_pilot.py, docs/DECISIONS.md)
+            "cfl-eps1": 0.4,
+            "cfl-eps2": 0.6,
+            "cfl-min-round": 3,
         },
         # IFCA / FeSEM are told K = the number of planted groups among the training clients
         "k-from-groups": True,
@@ -111,6 +116,9 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
             "val-fraction": 0.0,
             # `python scripts/pacfl_threshold.py feddag-fmnist --seed 1 --save` (see flux-fmnist)
             "pacfl-threshold": 4.842,
+            "cfl-eps1": 0.4,  # as flux-fmnist (pilot: scripts/cfl_pilot.py)
+            "cfl-eps2": 0.6,
+            "cfl-min-round": 3,
         },
         "grid": {
             "strategy": ["feddag", "fedavg", "pacfl", "ifca", "cfl"],

@@ -28,8 +28,9 @@ Our decisions
       0.16) under ``px`` level 2, 1.3-2.8 (mean 0.80) under ``label-skew`` with rho 0.5; the init
       itself has norm 8.9. With the paper's eps2 = 1.6 a ``px`` federation never splits. Every
       round's ``(mean, max)`` norm per cluster is written to results.json (``cfl_norms``) so eps
-      can be set from a pilot run. The paper's ``cfl-min-round = 20`` means no split in runs of
-      20 rounds or fewer.
+      can be set from a pilot run (``scripts/cfl_pilot.py``). The paper's ``cfl-min-round = 20``
+      means no split in runs of 20 rounds or fewer; the FMNIST benchmark protocols use eps1 0.4,
+      eps2 0.6 and min-round 3 from such pilots (docs/DECISIONS.md).
 
 Routing (held-out nodes at the end, late nodes when they join)
     The cluster whose model has the lowest loss on the node's own labelled TRAIN split
