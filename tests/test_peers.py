@@ -204,6 +204,17 @@ def test_cfl_split_step_waits_for_its_criterion_and_splits_by_direction():
     assert torch.equal(cfl.models[0]["w"], cfl.models[1]["w"])
     assert _ari(cfl, nodes) == pytest.approx(1.0)
     assert cfl.clustering["round"] == 3 and cfl.splits[0]["sizes"] == [3, 3]
+    # 6) with the members' trained models: each half's model is the FedAvg of its own members
+    cfl = _offline(Cfl, cfg.replace(cfl_min_round=3), groups)
+    cfl.models = {0: _state(0.0, 0.0, 0.0)}
+    cfl.assignment = dict.fromkeys(cfl.nodes, 0)
+    states = [_state(*u) for u in planted]
+    weights = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    assert cfl.maybe_split(3, 0, nodes, planted, weights, states)
+    for cid, members in ((0, [0, 2, 4]), (1, [1, 3, 5])):
+        assert {cfl.assignment[nodes[i]] for i in members} == {cid}
+        want = (planted[members] * weights[members, None]).sum(0) / weights[members].sum()
+        np.testing.assert_allclose(cfl.models[cid]["w"].numpy(), want, rtol=1e-5)
 
 
 def test_cfl_run_splits_a_planted_two_group_federation(digits_skew):
@@ -216,6 +227,13 @@ def test_cfl_run_splits_a_planted_two_group_federation(digits_skew):
     assert results["clustering"]["num_clusters"] == 2
     assert results["clustering"]["ari"] == pytest.approx(1.0)
     assert set(results["rounds"][0]["cfl_norms"]) == {"0"}
+    # half the nodes train per round: the absent members of the split cluster pick their half
+    # by loss, so the split still follows the groups
+    part = build_strategy(cfg.replace(fraction_train=0.5))
+    results = part.start(_grid(cfg, 6))
+    split = results["final"]["cfl_splits"][0]
+    assert sum(split["sizes"]) == 3 and sum(split["absent_placed"]) == 3
+    assert results["clustering"]["ari"] == pytest.approx(1.0)
     # the same federation with the paper's min-round (20) never splits in one round
     cfg = cfg.replace(cfl_min_round=20)
     cfl = build_strategy(cfg)

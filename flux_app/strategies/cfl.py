@@ -12,13 +12,16 @@ Paper mechanics
 Our decisions
     * Updates are all floating entries of the state dict, flattened in state order, taken against
       the model the cluster sent this round; weights are the clients' sample counts (the
-      paper's ``|D_i| / |D_c|``). The check runs after the round's FedAvg, so both halves start
-      from the new cluster average.
+      paper's ``|D_i| / |D_c|``). The check runs after the round's FedAvg.
     * Only clusters with more than two participating clients this round are checked (the
       paper's ``|c| > 2``), and only from round ``cfl-min-round`` on (the paper waits 20 rounds).
-    * A member of a split cluster that did not participate in the splitting round (possible with
-      ``fraction-train < 1``) stays with the half that keeps the cluster id: both halves hold the
-      same model at that moment, so no signal could place it better.
+    * At a split each half's model is the FedAvg of its own members' trained models (the
+      paper aggregates per cluster after the clustering step), so the halves differ at once.
+    * A member of a split cluster that did not take part in the splitting round (with
+      ``fraction-train < 1`` most of them) picks the half whose model has the lower loss on its
+      train split (one ``query.scores`` message, as in routing). Until 2026-12 such members
+      stayed with the half that kept the id; under 20 % participation on FedDAG Dist I that
+      produced 12 clusters with ARI 0.05 by round 13 (docs/benchmarks/feddag-fmnist-notes.md).
     * The paper's optional post-split check on the cross-cluster similarity (``alpha_max``) is not
       applied; the value is logged and kept in ``self.splits``.
     * eps values (run-config ``cfl-eps1`` / ``cfl-eps2``, defaults 0.4 / 1.6 from the paper) are
@@ -46,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from flux_app.records import clone_state
+from flux_app.records import clone_state, weighted_average
 from flux_app.strategies.base import ClusteredStrategy, Reply, State
 from flux_app.strategies.ifca import current_round, route_by_loss
 from flux_app.update_split import bipartition, cross_similarity, should_split, update_norms
@@ -90,7 +93,28 @@ class Cfl(ClusteredStrategy):
             base = flat_params(sent[cid])
             updates = np.stack([flat_params(r.state) - base for r in rs])
             weights = np.array([r.num_examples for r in rs], dtype=np.float64)
-            self.maybe_split(server_round, cid, [r.node_id for r in rs], updates, weights)
+            members = [r.node_id for r in rs]
+            if self.maybe_split(
+                server_round, cid, members, updates, weights, [r.state for r in rs]
+            ):
+                self.place_absent(server_round, cid, self.splits[-1]["new_cluster"], set(members))
+
+    def place_absent(self, server_round: int, kept: int, new: int, present: set[int]) -> None:
+        """Members of a split cluster that sat the round out pick the half whose model has the
+        lower loss on their train split (the two half models differ: each is its own FedAvg)."""
+        absent = sorted(n for n, z in self.assignment.items() if z == kept and n not in present)
+        if not absent:
+            return
+        placed = route_by_loss(
+            self, absent, {kept: self.models[kept], new: self.models[new]}, server_round
+        )
+        for n, z in placed.items():
+            self.assignment[n] = z
+        self.splits[-1]["absent_placed"] = [
+            sum(1 for z in placed.values() if z == kept),
+            sum(1 for z in placed.values() if z == new),
+        ]
+        self.record_clustering(server_round, splits=list(self.splits))
 
     def maybe_split(
         self,
@@ -99,6 +123,7 @@ class Cfl(ClusteredStrategy):
         node_ids: Sequence[int],
         updates: np.ndarray,
         weights: np.ndarray | None = None,
+        states: Sequence[State] | None = None,
     ) -> bool:
         """Apply CFL's criterion to one cluster; split it in two when it holds.
 
@@ -114,12 +139,16 @@ class Cfl(ClusteredStrategy):
             ``[n, m]`` flattened updates (trained minus sent).
         weights : np.ndarray, optional
             Sample counts (default uniform).
+        states : Sequence[State], optional
+            The members' trained models, one per row of ``updates``. Given, each half's model
+            becomes the FedAvg of its own members (the paper's per-cluster aggregation after a
+            split); without them both halves keep the cluster's current model.
 
         Returns
         -------
         bool
             Whether the cluster was split. The half holding ``node_ids[0]`` keeps the id, the
-            other half gets a new id with a copy of the same model.
+            other half gets the next free id.
         """
         mean_norm, max_norm = update_norms(updates, weights)
         self.round_norms[cluster] = (mean_norm, max_norm)
@@ -131,6 +160,11 @@ class Cfl(ClusteredStrategy):
         keep, move = bipartition(updates)
         new_id = max(self.models) + 1
         self.models[new_id] = clone_state(self.models[cluster])
+        if states is not None:
+            w = np.ones(len(node_ids)) if weights is None else weights
+            for cid, half in ((cluster, keep), (new_id, move)):
+                idx = [int(i) for i in half]
+                self.models[cid] = weighted_average([states[i] for i in idx], w[idx].tolist())
         for i in move:
             self.assignment[node_ids[int(i)]] = new_id
         alpha = cross_similarity(updates, keep, move)
