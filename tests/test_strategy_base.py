@@ -174,3 +174,19 @@ def test_local_models_do_not_mix(small_run):
     local.start(_grid(cfg.to_dict(), 3))
     heads = [local.models[c]["head.bias"] for c in sorted(local.models)]
     assert not np.allclose(heads[0].numpy(), heads[1].numpy())
+
+
+def test_best_over_rounds_is_the_mean_of_each_clients_best(small_run):
+    run = small_run | {"num-server-rounds": 3, "eval-every": 1}
+    strategy = build_strategy(RunConfig.from_mapping(run))
+    scripted = {1: [0.9, 0.1, 0.2], 2: [0.5, 0.6, 0.3], 3: [0.4, 0.5, 0.1]}
+
+    def fake_eval(models, server_round):
+        ids = sorted(models)
+        return {n: {"accuracy": scripted[server_round][i]} for i, n in enumerate(ids)}
+
+    strategy.evaluate_nodes = fake_eval
+    final = strategy.start(_grid(run, 3))["final"]
+    assert final["accuracy_known"] == pytest.approx((0.4 + 0.5 + 0.1) / 3)  # final round
+    # per client: 0.9, 0.6, 0.3 -- not the best round's mean (round 2: 0.467)
+    assert final["accuracy_best_over_rounds"] == pytest.approx((0.9 + 0.6 + 0.3) / 3)

@@ -62,7 +62,7 @@ from flux_app.records import (
     record_to_arrays,
     weighted_average,
 )
-from flux_app.strategies.base import ClusteredStrategy, Reply, State, _mean
+from flux_app.strategies.base import ClusteredStrategy, Reply, State
 from flux_app.subspaces import ClassSubspaces, SubspaceError, pairwise_class_angles
 
 logger = logging.getLogger("flwr")
@@ -92,7 +92,6 @@ class FedDag(ClusteredStrategy):
         self.graph: ComplementarityGraph | None = None
         self.sources: dict[int, list[int]] = {}
         self.population: tuple[list[int], list[ClassSubspaces], np.ndarray] | None = None
-        self.best_accuracy: dict[int, float] = {}
         self.rounds_since_clustering = 0
 
     # ------------------------------------------------------------------ warm-up
@@ -419,16 +418,12 @@ class FedDag(ClusteredStrategy):
             return state, int(get_metric(reply.content, "metrics", "num-examples"))
         return super().read_trained(reply)
 
-    def after_round(self, server_round: int, row: dict[str, Any]) -> None:  # noqa: D102
-        if self.clustered and not self.in_warmup(server_round):
-            for n, m in self.last_eval.items():
-                acc = m.get("accuracy")
-                if acc is not None:
-                    self.best_accuracy[n] = max(self.best_accuracy.get(n, 0.0), float(acc))
+    def counts_for_best(self, server_round: int) -> bool:
+        """Only cluster-model rounds: the warm-up evaluates each client's own local model."""
+        return self.clustered and not self.in_warmup(server_round)
 
     def final_metrics(self) -> dict[str, Any]:  # noqa: D102
         return {
-            "accuracy_best_over_rounds": _mean(self.best_accuracy.values()),
             "feddag_variant": self.variant,
             "feddag_alpha": None if self.sweep is None else self.sweep.alpha,
         }
