@@ -21,7 +21,8 @@ Our decisions
       ``fraction-train < 1`` most of them) picks the half whose model has the lower loss on its
       train split (one ``query.scores`` message, as in routing). Until 2026-12 such members
       stayed with the half that kept the id; under 20 % participation on FedDAG Dist I that
-      produced 12 clusters with ARI 0.05 by round 13 (docs/benchmarks/feddag-fmnist-notes.md).
+      ended with 16 clusters, ARI 0.07 and 64.3 % (now: 6 clusters, ARI 0.93, 95.4 %; see
+      docs/benchmarks/feddag-fmnist-notes.md).
     * The paper's optional post-split check on the cross-cluster similarity (``alpha_max``) is not
       applied; the value is logged and kept in ``self.splits``.
     * eps values (run-config ``cfl-eps1`` / ``cfl-eps2``, defaults 0.4 / 1.6 from the paper) are
@@ -159,8 +160,9 @@ class Cfl(ClusteredStrategy):
             return False
         keep, move = bipartition(updates)
         new_id = max(self.models) + 1
-        self.models[new_id] = clone_state(self.models[cluster])
-        if states is not None:
+        if states is None:
+            self.models[new_id] = clone_state(self.models[cluster])
+        else:
             w = np.ones(len(node_ids)) if weights is None else weights
             for cid, half in ((cluster, keep), (new_id, move)):
                 idx = [int(i) for i in half]
