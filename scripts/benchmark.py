@@ -159,6 +159,10 @@ PAPER = {
 }
 
 
+#: methods that are given the number of clusters (the others find it or do not cluster)
+TOLD_K = ("ifca", "fesem", "kmeans-flux")
+
+
 def results_file(protocol: str) -> str:
     """The protocol's JSON-lines results file."""
     return os.path.join(RESULTS_DIR, f"{protocol}.jsonl")
@@ -198,7 +202,7 @@ def run_config(protocol: str, cell: dict[str, Any], rounds: int | None) -> dict[
             cfg.update(VARIANTS.get(value, {"strategy": value}))
         else:
             cfg[axis] = value
-    if spec.get("k-from-groups"):
+    if spec.get("k-from-groups") and cfg["strategy"] in TOLD_K:
         cfg["num-clusters"] = planted_groups(cfg, spec["nodes"])
     if rounds:
         cfg["num-server-rounds"] = rounds
