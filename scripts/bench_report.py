@@ -167,7 +167,7 @@ def flux_section(spec: dict, paper: dict, done: dict[str, dict]) -> list[str]:
         f"Paper: {paper['note']}; level 8 best baseline {paper['best_baseline_level8']}.",
         "",
     ]
-    return out + flux_peers_table(spec, by)
+    return out + flux_peers_table(spec, by) + flux_peers_table(spec, by, holdout=True)
 
 
 #: (column, strategy, results key) of the every-method table of the FLUX protocol
@@ -182,11 +182,27 @@ PEER_COLUMNS = [
     ("CFL", "cfl", "accuracy_known"),
     ("Oracle", "oracle", "accuracy_known"),
 ]
+#: the same for the held-out clients (Local has no model for a client that never trained)
+HOLDOUT_COLUMNS = [
+    ("FLUX (label-free)", "flux", "accuracy_holdout"),
+    ("FedAvg", "fedavg", "accuracy_holdout"),
+    ("PACFL", "pacfl", "accuracy_holdout"),
+    ("IFCA", "ifca", "accuracy_holdout"),
+    ("FeSEM", "fesem", "accuracy_holdout"),
+    ("CFL", "cfl", "accuracy_holdout"),
+    ("Oracle", "oracle", "accuracy_holdout"),
+]
 PEERS = ("local", "pacfl", "ifca", "fesem", "cfl")
 
 
-def flux_peers_table(spec: dict, by: dict[tuple, dict[str, list[dict]]]) -> list[str]:
-    """Every method on the FLUX protocol, over the seeds where the peers ran (seed-matched)."""
+def flux_peers_table(
+    spec: dict, by: dict[tuple, dict[str, list[dict]]], holdout: bool = False
+) -> list[str]:
+    """Every method on the FLUX protocol, over the seeds where the peers ran (seed-matched).
+
+    ``holdout=True`` tabulates the clients that never trained instead of the training clients.
+    """
+    columns = HOLDOUT_COLUMNS if holdout else PEER_COLUMNS
     rows = []
     for (shift, level), m in sorted(by.items()):
         seeds = sorted({r["cell"]["seed"] for p in PEERS for r in m.get(p, [])})
@@ -194,15 +210,31 @@ def flux_peers_table(spec: dict, by: dict[tuple, dict[str, list[dict]]]) -> list
             rows.append((shift, level, m, seeds))
     if not rows:
         return []
-    present = [c for c in PEER_COLUMNS if any(m.get(c[1]) for _, _, m, _ in rows)]
+    present = [
+        c
+        for c in columns
+        if any(r["final"].get(c[2]) is not None for _, _, m, _ in rows for r in m.get(c[1], []))
+    ]
+    if holdout:
+        intro = (
+            "Held-out clients (never trained; same seeds as above). FLUX routes them from their "
+            "unlabelled inputs; IFCA, CFL and FeSEM give each the model with the lowest loss on its "
+            "labelled data, PACFL places it by its labelled class subspaces, FedAvg uses the "
+            "global model and Oracle the model of its true group (a client whose group has no "
+            "training member is left out of Oracle's mean)."
+        )
+    else:
+        intro = (
+            "Every method on the same partitions, seed-matched: each cell is the mean over the seeds "
+            "listed in its row (those where a peer ran). FLUX's *test phase* is label-free routing; "
+            "every other column is each client's accuracy with the model its method assigns in "
+            "training (IFCA and CFL pick it by loss on labelled data, FeSEM by parameter distance). "
+            "IFCA and FeSEM are given K = the number of planted groups among the training clients; "
+            f"PACFL's threshold is {spec['config'].get('pacfl-threshold', 'auto')} degrees from a "
+            "seed-1 pilot (`scripts/pacfl_threshold.py`, reads the planted groups)."
+        )
     out = [
-        "Every method on the same partitions, seed-matched: each cell is the mean over the seeds "
-        "listed in its row (those where a peer ran). FLUX's *test phase* is label-free routing; "
-        "every other column is each client's accuracy with the model its method assigns in "
-        "training (IFCA and CFL pick it by loss on labelled data, FeSEM by parameter distance). "
-        "IFCA and FeSEM are given K = the number of planted groups among the training clients; "
-        f"PACFL's threshold is {spec['config'].get('pacfl-threshold', 'auto')} degrees from a "
-        "seed-1 pilot (`scripts/pacfl_threshold.py`, reads the planted groups).",
+        intro,
         "",
         "| shift | level | " + " | ".join(c[0] for c in present) + " | seeds |",
         "|---|---|" + "---|" * len(present) + "---|",

@@ -135,6 +135,9 @@ def test_report_from_rows(tmp_path, monkeypatch):
     # the every-method table: only the methods that ran, seed-matched to the peer's seed
     assert "| shift | level | FLUX test phase | FLUX known | FedAvg | IFCA | seeds |" in text
     assert "| px | 1 | 89.0 | 90.0 | 70.0 | 80.0 | 0 |" in text
+    # and the same for the held-out clients
+    assert "| shift | level | FLUX (label-free) | FedAvg | IFCA | seeds |" in text
+    assert "| px | 1 | 88.0 | 68.0 | 78.0 | 0 |" in text
     assert (tmp_path / "flux-fmnist.png").exists()
 
 
