@@ -105,10 +105,7 @@ def flux_section(spec: dict, paper: dict, done: dict[str, dict]) -> list[str]:
         "global / true-group model (held-out clients of the Oracle use their true group).",
         "",
     ]
-    by: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        c = r["cell"]
-        by[(c["shift"], c["level"])][c["strategy"]].append(r)
+    by = _by_setting(rows)
     out += [
         "| shift | level | FLUX known | FLUX test phase | FLUX held-out | FedAvg | Oracle | FLUX clusters | ARI | n |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -195,6 +192,45 @@ HOLDOUT_COLUMNS = [
 PEERS = ("local", "pacfl", "ifca", "fesem", "cfl")
 
 
+def _by_setting(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
+    """FLUX-protocol runs grouped by (shift, level), then by method."""
+    by: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        c = r["cell"]
+        by[(c["shift"], c["level"])][c["strategy"]].append(r)
+    return by
+
+
+def seed_matched(
+    by: dict[tuple, dict[str, list[dict]]], columns: list[tuple[str, str, str]]
+) -> tuple[list[tuple[str, int, list[int], dict[str, float | None]]], list[tuple[str, str, str]]]:
+    """The settings where a peer ran, each method's mean over the peers' seeds only.
+
+    Returns ``(rows, present)``: rows of ``(shift, level, seeds, {column: mean or None})`` and the
+    columns with at least one value.
+    """
+    picked = []
+    for (shift, level), m in sorted(by.items()):
+        seeds = sorted({r["cell"]["seed"] for p in PEERS for r in m.get(p, [])})
+        if seeds:
+            picked.append((shift, level, m, seeds))
+    present = [
+        c
+        for c in columns
+        if any(r["final"].get(c[2]) is not None for *_, m, _ in picked for r in m.get(c[1], []))
+    ]
+    rows = []
+    for shift, level, m, seeds in picked:
+        values = {
+            name: _mean(
+                [r["final"].get(key) for r in m.get(strategy, []) if r["cell"]["seed"] in seeds]
+            )
+            for name, strategy, key in present
+        }
+        rows.append((shift, level, seeds, values))
+    return rows, present
+
+
 def flux_peers_table(
     spec: dict, by: dict[tuple, dict[str, list[dict]]], holdout: bool = False
 ) -> list[str]:
@@ -202,19 +238,9 @@ def flux_peers_table(
 
     ``holdout=True`` tabulates the clients that never trained instead of the training clients.
     """
-    columns = HOLDOUT_COLUMNS if holdout else PEER_COLUMNS
-    rows = []
-    for (shift, level), m in sorted(by.items()):
-        seeds = sorted({r["cell"]["seed"] for p in PEERS for r in m.get(p, [])})
-        if seeds:
-            rows.append((shift, level, m, seeds))
+    rows, present = seed_matched(by, HOLDOUT_COLUMNS if holdout else PEER_COLUMNS)
     if not rows:
         return []
-    present = [
-        c
-        for c in columns
-        if any(r["final"].get(c[2]) is not None for _, _, m, _ in rows for r in m.get(c[1], []))
-    ]
     if holdout:
         intro = (
             "Held-out clients (never trained; same seeds as above). FLUX routes them from their "
@@ -233,34 +259,32 @@ def flux_peers_table(
             f"PACFL's threshold is {spec['config'].get('pacfl-threshold', 'auto')} degrees from a "
             "seed-1 pilot (`scripts/pacfl_threshold.py`, reads the planted groups)."
         )
+    names = [c[0] for c in present]
     out = [
         intro,
         "",
-        "| shift | level | " + " | ".join(c[0] for c in present) + " | seeds |",
+        "| shift | level | " + " | ".join(names) + " | seeds |",
         "|---|---|" + "---|" * len(present) + "---|",
     ]
     per_level: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for shift, level, m, seeds in rows:
-        cells = []
-        for name, strategy, key in present:
-            vals = [r["final"][key] for r in m.get(strategy, []) if r["cell"]["seed"] in seeds]
-            v = _mean(vals)
-            cells.append("–" if v is None else f"{100 * v:.1f}")
-            if v is not None:
-                per_level[level][name].append(v)
+    for shift, level, seeds, values in rows:
+        cells = ["–" if values[n] is None else f"{100 * values[n]:.1f}" for n in names]
+        for n in names:
+            if values[n] is not None:
+                per_level[level][n].append(values[n])
         out.append(
             f"| {shift} | {level} | " + " | ".join(cells) + f" | {','.join(map(str, seeds))} |"
         )
     out += ["", "Mean over the rows of each level (only methods with every row of that level):", ""]
     out += [
-        "| level | " + " | ".join(c[0] for c in present) + " | rows |",
+        "| level | " + " | ".join(names) + " | rows |",
         "|---|" + "---|" * len(present) + "---|",
     ]
     for level in sorted(per_level):
-        n = sum(1 for r in rows if r[1] == level)
-        vals = [per_level[level].get(c[0], []) for c in present]
-        cells = [f"{100 * statistics.mean(v):.1f}" if len(v) == n else "–" for v in vals]
-        out.append(f"| {level} | " + " | ".join(cells) + f" | {n} |")
+        n_rows = sum(1 for r in rows if r[1] == level)
+        vals = [per_level[level].get(n, []) for n in names]
+        cells = [f"{100 * statistics.mean(v):.1f}" if len(v) == n_rows else "–" for v in vals]
+        out.append(f"| {level} | " + " | ".join(cells) + f" | {n_rows} |")
     return out + [""]
 
 
@@ -310,11 +334,7 @@ def plot_flux(done: dict[str, dict]) -> str | None:
     rows = list(done.values())
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     # IID has one level: its numbers are in the table, a panel of one point says nothing
     shifts = sorted({r["cell"]["shift"] for r in rows} - {"none"})
     if not shifts:
@@ -356,6 +376,86 @@ def plot_flux(done: dict[str, dict]) -> str | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_flux_peers(done: dict[str, dict]) -> str | None:
+    """Accuracy vs level per shift for every method, seed-matched as the every-method table."""
+    rows, present = seed_matched(_by_setting(list(done.values())), PEER_COLUMNS)
+    shifts = sorted({shift for shift, *_ in rows})
+    if not shifts:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(shifts), figsize=(3.4 * len(shifts), 3.6), squeeze=False)
+    lines = {}  # one colour per method across panels, one legend for the figure
+    for ax, shift in zip(axes[0], shifts, strict=True):
+        mine = sorted((level, values) for s, level, _, values in rows if s == shift)
+        for i, (name, *_) in enumerate(present):
+            pts = [(lv, 100 * v[name]) for lv, v in mine if v[name] is not None]
+            if pts:
+                style = "--" if name == "FLUX test phase" else "-"
+                (lines[name],) = ax.plot(
+                    *zip(*pts, strict=True), style, marker="o", ms=3, color=f"C{i}", label=name
+                )
+        ax.set_title(f"shift {shift}")
+        ax.set_xlabel("level")
+        ax.set_xticks([lv for lv, _ in mine])
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%)")
+    names = [c[0] for c in present if c[0] in lines]
+    fig.legend([lines[n] for n in names], names, loc="lower center", ncol=len(names), fontsize=7)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    path = os.path.join(PLOTS, "flux-fmnist-peers.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def method_times_section() -> list[str]:
+    """Every method's wall and CPU time on one setting, side by side (scripts/wall_ratio.py)."""
+    t = _load_json("method-times.json")
+    if t is None:
+        return []
+    st = t["setting"]
+    names, ref = st["strategies"], st["b"]
+    out = [
+        f"Time per method, measured side by side (`{t['command']}`: every method in one process, "
+        f"one torch thread, in turn, shift {st['shift']} level {st['level']} seed {st['seed']}, "
+        f"{len(t['wall_seconds'][ref])} run(s) each; machine {t['machine']}). CPU time is the "
+        "process's own and barely moves with other load; wall time does.",
+        "",
+        f"| method | wall s | CPU s | wall / {ref} | CPU / {ref} |",
+        "|---|---|---|---|---|",
+    ]
+    for m in names:
+        out.append(
+            f"| {m} | {statistics.median(t['wall_seconds'][m]):.0f} | "
+            f"{statistics.median(t['cpu_seconds'][m]):.0f} | "
+            f"{t['wall_ratio_to_reference'][m]:.2f} | {t['cpu_ratio_to_reference'][m]:.2f} |"
+        )
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    x = range(len(names))
+    ax.bar(
+        [i - 0.2 for i in x], [t["wall_ratio_to_reference"][m] for m in names], 0.4, label="wall"
+    )
+    ax.bar([i + 0.2 for i in x], [t["cpu_ratio_to_reference"][m] for m in names], 0.4, label="CPU")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(list(x), names, fontsize=8)
+    ax.set_ylabel(f"time / {ref}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(PLOTS, "method-times.png"), dpi=100)
+    plt.close(fig)
+    return out + ["", "![time per method](benchmarks/method-times.png)", ""]
 
 
 def _load_json(name: str) -> dict | None:
@@ -418,6 +518,9 @@ def write_report(protocols: dict, paper: dict, done: dict[str, dict[str, dict]])
     )
     if plot_flux(done.get("flux-fmnist", {})):
         lines += ["![FLUX protocol: accuracy vs level](benchmarks/flux-fmnist.png)", ""]
+    if plot_flux_peers(done.get("flux-fmnist", {})):
+        lines += ["![FLUX protocol: every method](benchmarks/flux-fmnist-peers.png)", ""]
+    lines += method_times_section()
     lines += notes("flux-fmnist")
     lines += feddag_section(
         protocols["feddag-fmnist"], paper["feddag-fmnist"], done.get("feddag-fmnist", {})

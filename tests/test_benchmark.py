@@ -128,9 +128,22 @@ def test_report_from_rows(tmp_path, monkeypatch):
         "flux-fmnist": {r["key"]: r for r in runs},
         "feddag-fmnist": {},
     }
+    times = {
+        "command": "python scripts/wall_ratio.py --strategies ifca,fedavg",
+        "setting": {"shift": "py", "level": 4, "seed": 0, "strategies": ["ifca", "fedavg"]},
+        "wall_seconds": {"ifca": [30.0], "fedavg": [10.0]},
+        "cpu_seconds": {"ifca": [20.0], "fedavg": [8.0]},
+        "wall_ratio_to_reference": {"ifca": 3.0, "fedavg": 1.0},
+        "cpu_ratio_to_reference": {"ifca": 2.5, "fedavg": 1.0},
+        "machine": "test",
+    }
+    times["setting"]["b"] = "fedavg"
+    (tmp_path / "method-times.json").write_text(json.dumps(times))
     report.write_report(bench.PROTOCOLS, bench.PAPER, done)
     text = (tmp_path / "B.md").read_text()
     assert "| px | 1 | 90.0 | 89.0 | 88.0 | 70.0 |" in text
+    assert "| ifca | 30 | 20 | 3.00 | 2.50 |" in text
+    assert (tmp_path / "method-times.png").exists()
     assert "median 1.10x" in text
     # the every-method table: only the methods that ran, seed-matched to the peer's seed
     assert "| shift | level | FLUX test phase | FLUX known | FedAvg | IFCA | seeds |" in text
@@ -139,6 +152,7 @@ def test_report_from_rows(tmp_path, monkeypatch):
     assert "| shift | level | FLUX (label-free) | FedAvg | IFCA | seeds |" in text
     assert "| px | 1 | 88.0 | 68.0 | 78.0 | 0 |" in text
     assert (tmp_path / "flux-fmnist.png").exists()
+    assert (tmp_path / "flux-fmnist-peers.png").exists()
 
 
 def _tiny_protocol(bench, shift: str, level: int) -> dict:
@@ -186,3 +200,22 @@ def test_pacfl_pilot_threshold_recovers_planted_rotations(monkeypatch, capsys):
     assert "'best_ari': 1.0" in out
     chosen = float(out.strip().splitlines()[-1].split("chosen ")[1])
     assert "mean ARI 1.000" in out and 0 < chosen < 45
+
+
+def test_wall_ratio_times_every_method_against_the_last(tmp_path, monkeypatch):
+    timing = _load("wall_ratio")
+    out = tmp_path / "times.json"
+    argv = "wall_ratio.py --protocol digits-px --shift px --level 2 --rounds 1 --repeats 1"
+    monkeypatch.setattr(sys, "argv", argv.split() + ["--strategies", "local,oracle,fedavg"])
+    monkeypatch.setattr(sys, "argv", sys.argv + ["--output", str(out)])
+    assert timing.main() == 0
+    got = json.loads(out.read_text())
+    assert got["setting"]["strategies"] == ["local", "oracle", "fedavg"]
+    assert got["setting"]["b"] == "fedavg"
+    for kind in ("wall", "cpu"):
+        secs = got[f"{kind}_seconds"]
+        assert all(len(secs[m]) == 1 and secs[m][0] > 0 for m in ("local", "oracle", "fedavg"))
+        ratios = got[f"{kind}_ratio_to_reference"]
+        assert ratios["fedavg"] == 1.0
+        assert ratios["oracle"] == pytest.approx(secs["oracle"][0] / secs["fedavg"][0])
+    assert got["wall_ratio"] == got["wall_ratio_to_reference"]["local"]
