@@ -204,14 +204,17 @@ def _by_setting(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
 def seed_matched(
     by: dict[tuple, dict[str, list[dict]]], columns: list[tuple[str, str, str]]
 ) -> tuple[list[tuple[str, int, list[int], dict[str, float | None]]], list[tuple[str, str, str]]]:
-    """The settings where a peer ran, each method's mean over the peers' seeds only.
+    """The settings where a peer ran, every method's mean over the same seeds.
 
+    A row's seeds are those that every peer run in that setting has (the intersection), so each
+    column of a row averages the same partitions; a setting whose peers share no seed is left out.
     Returns ``(rows, present)``: rows of ``(shift, level, seeds, {column: mean or None})`` and the
     columns with at least one value.
     """
     picked = []
     for (shift, level), m in sorted(by.items()):
-        seeds = sorted({r["cell"]["seed"] for p in PEERS for r in m.get(p, [])})
+        peer_seeds = [{r["cell"]["seed"] for r in m[p]} for p in PEERS if m.get(p)]
+        seeds = sorted(set.intersection(*peer_seeds)) if peer_seeds else []
         if seeds:
             picked.append((shift, level, m, seeds))
     present = [
@@ -252,7 +255,7 @@ def flux_peers_table(
     else:
         intro = (
             "Every method on the same partitions, seed-matched: each cell is the mean over the seeds "
-            "listed in its row (those where a peer ran). FLUX's *test phase* is label-free routing; "
+            "listed in its row (those where every peer of the row ran). FLUX's *test phase* is label-free routing; "
             "every other column is each client's accuracy with the model its method assigns in "
             "training (IFCA and CFL pick it by loss on labelled data, FeSEM by parameter distance). "
             "IFCA and FeSEM are given K = the number of planted groups among the training clients; "

@@ -105,7 +105,7 @@ def test_report_from_rows(tmp_path, monkeypatch):
         "flux-fmnist", {"shift": "px", "level": 1, "seed": 0, "strategy": "flux"}, None
     )
 
-    def row(strategy, acc, wall):
+    def row(strategy, acc, wall, seed=0):
         final = {
             "accuracy_known": acc,
             "accuracy_routed": acc - 0.01,
@@ -114,7 +114,7 @@ def test_report_from_rows(tmp_path, monkeypatch):
             "ari": 1.0,
             "wall_seconds": wall,
         }
-        cell = {"shift": "px", "level": 1, "seed": 0, "strategy": strategy}
+        cell = {"shift": "px", "level": 1, "seed": seed, "strategy": strategy}
         return {
             "key": json.dumps(cell),
             "cell": cell,
@@ -124,6 +124,8 @@ def test_report_from_rows(tmp_path, monkeypatch):
         }
 
     runs = [row("flux", 0.9, 11.0), row("fedavg", 0.7, 10.0), row("ifca", 0.8, 12.0)]
+    # a second seed that only one peer has: the every-method table must not average it in
+    runs += [row("pacfl", 0.6, 12.0), row("pacfl", 0.2, 12.0, seed=1)]
     done = {
         "flux-fmnist": {r["key"]: r for r in runs},
         "feddag-fmnist": {},
@@ -146,11 +148,11 @@ def test_report_from_rows(tmp_path, monkeypatch):
     assert (tmp_path / "method-times.png").exists()
     assert "median 1.10x" in text
     # the every-method table: only the methods that ran, seed-matched to the peer's seed
-    assert "| shift | level | FLUX test phase | FLUX known | FedAvg | IFCA | seeds |" in text
-    assert "| px | 1 | 89.0 | 90.0 | 70.0 | 80.0 | 0 |" in text
+    assert "| shift | level | FLUX test phase | FLUX known | FedAvg | PACFL | IFCA | seeds |" in text
+    assert "| px | 1 | 89.0 | 90.0 | 70.0 | 60.0 | 80.0 | 0 |" in text
     # and the same for the held-out clients
-    assert "| shift | level | FLUX (label-free) | FedAvg | IFCA | seeds |" in text
-    assert "| px | 1 | 88.0 | 68.0 | 78.0 | 0 |" in text
+    assert "| shift | level | FLUX (label-free) | FedAvg | PACFL | IFCA | seeds |" in text
+    assert "| px | 1 | 88.0 | 68.0 | 58.0 | 78.0 | 0 |" in text
     assert (tmp_path / "flux-fmnist.png").exists()
     assert (tmp_path / "flux-fmnist-peers.png").exists()
 
