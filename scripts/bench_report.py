@@ -433,7 +433,7 @@ def method_times_section() -> list[str]:
         f"Time per method, measured side by side (`{t['command']}`: every method in one process, "
         f"one torch thread, in turn, shift {st['shift']} level {st['level']} seed {st['seed']}, "
         f"{len(t['wall_seconds'][ref])} run(s) each; machine {t['machine']}). On a shared "
-        "machine (here another benchmark held the second core) even CPU time moves: read ratios "
+        "machine even CPU time moves: read ratios "
         "within ~10 % of 1 as equal (Oracle, when listed, does exactly FedAvg's work).",
         "",
         f"| method | wall s | CPU s | wall / {ref} | CPU / {ref} |",
