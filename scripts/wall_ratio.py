@@ -4,8 +4,9 @@
 The benchmark grid runs thousands of seconds on a shared machine, where other work changes
 every run's speed; its wall-time ratios scatter. This script measures the ratio the way the
 issue asks, side by side: A B A B ... in one process, one torch thread, the same setting and
-seed, and records both wall seconds and the process's CPU seconds (the latter is barely
-touched by other processes' load). With more than two methods every one is timed against the
+seed, and records both wall seconds and the process's CPU seconds (less moved by other
+processes' load than wall time, but not immune: with another benchmark on the second core,
+Oracle, which does FedAvg's exact work, measured 0.93x FedAvg's CPU time). With more than two methods every one is timed against the
 LAST one named (the reference); with two, ``wall_ratio`` / ``cpu_ratio`` are first / second.
 Results go to docs/benchmarks/wall-ratio.json (FLUX / FedAvg) or ``--output``;
 ``benchmark.py --report`` shows wall-ratio.json and method-times.json.
