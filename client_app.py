@@ -1,12 +1,29 @@
-"""Flower ClientApp: thin handlers that parse the message and call flux_app.client."""
+"""Flower ClientApp: thin handlers that parse the message and call the engine's client side.
+
+``train`` and ``evaluate`` are the engine's generic handlers; every ``query.<action>`` is a
+handler registered with ``@register_query`` (built-in methods, and the plug-ins named by the
+run-config key ``plugins``, imported before the message is dispatched).
+"""
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flux_app.client import ClientRuntime, Handler, handle_evaluate, handle_train
-from flux_app.client_actions import QUERY_ACTIONS
+from flux_app.engine.client import ClientRuntime, Handler, handle_evaluate, handle_train
+from flux_app.engine.registry import QUERIES, load_plugins
 
-app = ClientApp()
+
+class PluginClientApp(ClientApp):
+    """A ClientApp that serves every registered query, plug-ins included."""
+
+    def __call__(self, message: Message, context: Context) -> Message:  # noqa: D102
+        load_plugins(str(context.run_config.get("plugins", "")))
+        for action, handler in QUERIES.items():
+            if f"query.{action}" not in self._registered_funcs:
+                _register(action, handler)
+        return super().__call__(message, context)
+
+
+app = PluginClientApp()
 
 
 def _run(handler: Handler, msg: Message, context: Context) -> Message:
@@ -34,5 +51,6 @@ def _register(action: str, handler: Handler) -> None:
     app.query(action)(query)
 
 
-for _action, _handler in QUERY_ACTIONS.items():
+load_plugins()  # the built-in methods' queries, registered at import like any ClientApp's
+for _action, _handler in QUERIES.items():
     _register(_action, _handler)

@@ -3,7 +3,7 @@
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from flux_app.server import run_server
+from flux_app.engine.server import run_server
 
 app = ServerApp()
 

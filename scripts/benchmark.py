@@ -2,7 +2,7 @@
 """Benchmark harness: a grid of (strategy x shift x level x seed) runs of one paper protocol.
 
 Every run goes through the real ServerApp and ClientApp code, driven by the in-process grid
-(:mod:`flux_app.inprocess`: no Ray, no SuperLink; tests/test_e2e_flwr.py checks it
+(:mod:`flux_app.engine.inprocess`: no Ray, no SuperLink; tests/test_e2e_flwr.py checks it
 gives the same results as ``flwr run`` for the same seed). Each finished run appends one JSON
 line to the protocol's results file; a rerun skips what is there, so a long grid can be finished
 over several sittings (or on a GPU machine) and interrupted at any point without losing runs.
@@ -42,7 +42,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 RESULTS_DIR = os.path.join(ROOT, "docs", "benchmarks")
 
-from flux_app.config import STRATEGIES  # noqa: E402  (after the path set-up)
+from flux_app.engine.registry import STRATEGIES, load_plugins  # noqa: E402  (after the path set-up)
+
+load_plugins()  # the built-in methods register their strategies
 
 # Each protocol: nodes, fixed run-config, and the default grid. Paper settings in one place;
 # conf/*.toml carries the same values for `flwr run`.
@@ -214,9 +216,9 @@ def run_config(protocol: str, cell: dict[str, Any], rounds: int | None) -> dict[
 
 def planted_groups(cfg: dict[str, Any], nodes: int) -> int:
     """Number of distinct ground-truth groups among the training clients of a run-config."""
-    from flux_app.client import shift_spec
-    from flux_app.config import RunConfig
     from flux_app.data import load_source, partition_groups
+    from flux_app.engine.client import shift_spec
+    from flux_app.engine.config import RunConfig
 
     rc = RunConfig.from_mapping(cfg)
     source = load_source(rc.dataset, rc.data_root, rc.seed)
@@ -239,7 +241,7 @@ def load_done(protocol: str) -> dict[str, dict[str, Any]]:
 
 def run_grid(protocol: str, args: argparse.Namespace) -> int:
     """Run every missing cell; returns the number of failures."""
-    from flux_app.inprocess import run_inprocess
+    from flux_app.engine.inprocess import run_inprocess
 
     logging.getLogger("flwr").setLevel(logging.WARNING if args.quiet else logging.INFO)
     done = load_done(protocol)

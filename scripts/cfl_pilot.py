@@ -42,7 +42,7 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(int(threads))
-    from flux_app.inprocess import run_inprocess
+    from flux_app.engine.inprocess import run_inprocess
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     cell = json.loads(args.setting) | {"seed": args.seed, "strategy": "cfl"}

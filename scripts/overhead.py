@@ -4,7 +4,7 @@
 Runs, in ONE process and alternately (A B A B ...), so that both see the same machine load:
 
 - **app**: FedAvg through the real ServerApp/ClientApp code on the in-process grid
-  (:func:`flux_app.inprocess.run_inprocess`): records, messages, validation, results.json;
+  (:func:`flux_app.engine.inprocess.run_inprocess`): records, messages, validation, results.json;
 - **bare**: the same clients' data partitions, model, optimiser, epochs, batch size and
   per-round evaluation written as a plain loop: ``for round: for client: SGD; average``.
 
@@ -36,7 +36,8 @@ def bare_fedavg(cfg: Any, num_nodes: int) -> float:
     import torch
     from torch import nn
 
-    from flux_app.client import ClientRuntime, derive_seed, new_model
+    from flux_app.common.seeding import derive_seed
+    from flux_app.engine.client import ClientRuntime, new_model
 
     data = [ClientRuntime(cfg, pid, num_nodes).data for pid in range(num_nodes)]
     global_model = new_model(cfg, seed=derive_seed(cfg.seed, "init"))
@@ -105,8 +106,8 @@ def main() -> int:
     import torch
     from benchmark import save_measurement  # scripts/benchmark.py
 
-    from flux_app.config import RunConfig
-    from flux_app.inprocess import run_inprocess
+    from flux_app.engine.config import RunConfig
+    from flux_app.engine.inprocess import run_inprocess
 
     torch.set_num_threads(args.threads)
     logging.getLogger("flwr").setLevel(logging.WARNING)

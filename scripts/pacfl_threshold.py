@@ -3,7 +3,7 @@
 
 PACFL's paper tunes its threshold per dataset. This script builds the partitions of a protocol
 on a PILOT seed (not an evaluation seed), computes every client's PACFL subspaces and the
-proximity exactly as a run does (:func:`flux_app.subspaces.pacfl_proximity`), and reports, for a
+proximity exactly as a run does (:func:`flux_app.common.subspaces.pacfl_proximity`), and reports, for a
 grid of thresholds, the number of clusters and the adjusted Rand index against the planted
 groups, plus what the automatic threshold (largest dendrogram gap) picks. The threshold chosen
 for the benchmark is the middle of the widest band of thresholds whose mean ARI over the
@@ -32,10 +32,11 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from benchmark import PROTOCOLS, RESULTS_DIR, cells, run_config, save_measurement  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
-from flux_app.agglomerative import threshold_clusters  # noqa: E402
-from flux_app.client import _partition, shift_spec  # noqa: E402
-from flux_app.config import RunConfig  # noqa: E402
-from flux_app.subspaces import class_subspaces, pacfl_proximity  # noqa: E402
+from flux_app.common.agglomerative import threshold_clusters  # noqa: E402
+from flux_app.common.subspaces import class_subspaces, pacfl_proximity  # noqa: E402
+from flux_app.engine.client import _partition, shift_spec  # noqa: E402
+from flux_app.engine.config import RunConfig  # noqa: E402
+from flux_app.methods.pacfl.config import PacflConfig  # noqa: E402
 
 #: thresholds tried (degrees), geometric: useful values run from tenths of a degree (FLUX
 #: protocol) to several degrees (FedDAG protocol)
@@ -50,7 +51,7 @@ def setting_proximity(cfg: RunConfig, nodes: int) -> tuple[np.ndarray, np.ndarra
     for pid in range(trainers):
         d = _partition(cfg.dataset, cfg.data_root, spec, nodes, pid)
         x = d.x_train.reshape(len(d.x_train), -1).numpy()
-        subs.append(class_subspaces(x, d.y_train.numpy(), d.num_classes, p=cfg.pacfl_subspace_dim))
+        subs.append(class_subspaces(x, d.y_train.numpy(), d.num_classes, p=cfg.section(PacflConfig).subspace_dim))
         groups.append(d.group)
     return pacfl_proximity(subs), np.asarray(groups)
 

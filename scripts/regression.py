@@ -24,27 +24,59 @@ sys.path.insert(0, ROOT)
 PINNED = os.path.join(ROOT, "tests", "data", "regression.json")
 
 STRATEGIES = (
-    "fedavg", "local", "oracle", "flux", "kmeans-flux", "feddag", "ifca", "cfl", "pacfl", "fesem"
+    "fedavg",
+    "local",
+    "oracle",
+    "flux",
+    "kmeans-flux",
+    "feddag",
+    "ifca",
+    "cfl",
+    "pacfl",
+    "fesem",
 )
 #: name -> run-config overrides (every strategy runs each setting)
 SETTINGS: dict[str, dict[str, Any]] = {
     # the brief's fixed setting: digits px level 2, 12 nodes (2 held out), 6 rounds, seed 0
     "digits-px-L2": {
-        "dataset": "digits", "shift": "px", "level": 2, "num-server-rounds": 6, "seed": 0,
-        "holdout-clients": 2, "num-clusters": 3, "cfl-min-round": 3,
+        "dataset": "digits",
+        "shift": "px",
+        "level": 2,
+        "num-server-rounds": 6,
+        "seed": 0,
+        "holdout-clients": 2,
+        "num-clusters": 3,
+        "cfl-min-round": 3,
     },
     # tiny and fast: what the CI test re-runs
     "synthetic-label-skew": {
-        "dataset": "synthetic", "shift": "label-skew", "rho": 0.5, "alpha": 100.0,
-        "num-server-rounds": 4, "local-epochs": 1, "lr": 0.05, "seed": 0, "holdout-clients": 2,
-        "num-clusters": 2, "cfl-min-round": 2, "feddag-warmup-rounds": 1,
+        "dataset": "synthetic",
+        "shift": "label-skew",
+        "rho": 0.5,
+        "alpha": 100.0,
+        "num-server-rounds": 4,
+        "local-epochs": 1,
+        "lr": 0.05,
+        "seed": 0,
+        "holdout-clients": 2,
+        "num-clusters": 2,
+        "cfl-min-round": 2,
+        "feddag-warmup-rounds": 1,
         "feddag-warmup-epochs": 1,
     },
 }
 NODES = {"digits-px-L2": 12, "synthetic-label-skew": 10}
 FINAL_KEYS = (
-    "accuracy_known", "accuracy_best_over_rounds", "accuracy_routed", "accuracy_holdout",
-    "num_clusters", "ari", "nmi", "routing_accuracy", "holdout_assignment", "accuracy_by_client",
+    "accuracy_known",
+    "accuracy_best_over_rounds",
+    "accuracy_routed",
+    "accuracy_holdout",
+    "num_clusters",
+    "ari",
+    "nmi",
+    "routing_accuracy",
+    "holdout_assignment",
+    "accuracy_by_client",
     "accuracy_holdout_by_client",
 )
 
@@ -54,11 +86,14 @@ def run_one(setting: str, strategy: str) -> dict[str, Any]:
     try:
         from flux_app.engine.inprocess import run_inprocess
     except ImportError:  # the layout before the per-method packages
-        from flux_app.inprocess import run_inprocess
+        from flux_app.engine.inprocess import run_inprocess
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = SETTINGS[setting] | {
-            "strategy": strategy, "device": "cpu", "output-dir": tmp, "run-name": "r"
+            "strategy": strategy,
+            "device": "cpu",
+            "output-dir": tmp,
+            "run-name": "r",
         }
         results, _ = run_inprocess(overrides, NODES[setting])
     final = results["final"]
@@ -81,9 +116,12 @@ def run_setting(setting: str, strategies: tuple[str, ...]) -> dict[str, Any]:
     for s in strategies:
         t0 = time.time()
         out[s] = run_one(setting, s)
-        print(f"[regression] {setting} {s}: accuracy_known={out[s]['final']['accuracy_known']} "
-              f"clusters={out[s]['final']['num_clusters']} ari={out[s]['final']['ari']} "
-              f"({time.time() - t0:.0f} s)", flush=True)
+        print(
+            f"[regression] {setting} {s}: accuracy_known={out[s]['final']['accuracy_known']} "
+            f"clusters={out[s]['final']['num_clusters']} ari={out[s]['final']['ari']} "
+            f"({time.time() - t0:.0f} s)",
+            flush=True,
+        )
     return out
 
 

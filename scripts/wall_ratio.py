@@ -55,7 +55,7 @@ def main() -> int:
     import torch
     from benchmark import PROTOCOLS, run_config, save_measurement
 
-    from flux_app.inprocess import run_inprocess
+    from flux_app.engine.inprocess import run_inprocess
 
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)

@@ -19,7 +19,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 @pytest.fixture(autouse=True)
 def _task_identity():
     """``Message(...)`` reads the sender from a slot Flower's runtime fills; fill it."""
-    from flux_app.inprocess import set_task_identity
+    from flux_app.engine.inprocess import set_task_identity
 
     set_task_identity()
     yield

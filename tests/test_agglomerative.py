@@ -7,7 +7,7 @@ import pytest
 from sklearn.cluster import AgglomerativeClustering
 from sklearn.metrics import adjusted_rand_score
 
-from flux_app.agglomerative import (
+from flux_app.common.agglomerative import (
     agglomerative_labels,
     alpha_sweep,
     assign_newcomer,

@@ -169,9 +169,9 @@ def _tiny_protocol(bench, shift: str, level: int) -> dict:
 
 def test_k_from_groups_counts_planted_groups_of_training_clients():
     bench = _load("benchmark")
-    from flux_app.client import shift_spec
-    from flux_app.config import RunConfig
     from flux_app.data import load_source, partition_groups
+    from flux_app.engine.client import shift_spec
+    from flux_app.engine.config import RunConfig
 
     for shift, level in (("none", 1), ("px", 4), ("py", 8)):
         bench.PROTOCOLS["tiny"] = _tiny_protocol(bench, shift, level)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flux_app.complementarity import class_ranks, complementarity_graph
-from flux_app.subspaces import ClassSubspaces, pairwise_class_angles
+from flux_app.common.subspaces import ClassSubspaces, pairwise_class_angles
+from flux_app.methods.feddag.complementarity import class_ranks, complementarity_graph
 
 D, C = 12, 4
 E = np.eye(D)

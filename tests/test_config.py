@@ -7,7 +7,8 @@ import os
 import pytest
 import tomllib
 
-from flux_app.config import DATASET_PROFILES, ConfigError, RunConfig
+from flux_app.engine.config import DATASET_PROFILES, ConfigError, RunConfig
+from flux_app.methods.flux.config import FluxConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,7 +71,8 @@ def test_auto_values_follow_dataset():
 
 def test_coercion_and_errors():
     cfg = RunConfig.from_mapping({"level": 3.0, "flux-iid-guard": "false", "lr": "0.01"})
-    assert cfg.level == 3 and cfg.flux_iid_guard is False and cfg.learning_rate == 0.01
+    assert cfg.level == 3 and cfg.learning_rate == 0.01
+    assert cfg.section(FluxConfig).iid_guard is False
     with pytest.raises(ConfigError, match="strategy"):
         RunConfig.from_mapping({"strategy": "fedprox"})
     with pytest.raises(ConfigError, match="level"):

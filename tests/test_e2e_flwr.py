@@ -100,7 +100,7 @@ CONFIG: dict[str, object] = {
     "shift": "px",
     "level": 2,
     "num-server-rounds": 2,
-    "cluster-round": 1,
+    "flux-cluster-round": 1,
     "local-epochs": 1,
     "lr": 0.05,
     "holdout-clients": 1,
@@ -121,7 +121,7 @@ def test_flux_simulation_completes_and_matches_inprocess(flwr_home, tmp_path):
     reproduces it: same clustering, same bytes, same accuracies up to float noise."""
     import torch
 
-    from flux_app.inprocess import run_inprocess
+    from flux_app.engine.inprocess import run_inprocess
 
     run_id, status, results = sim.simulate(
         _overrides(tmp_path), nodes=NODES, flwr_home=flwr_home, timeout=600, quiet=True

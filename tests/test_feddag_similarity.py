@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from flux_app.agglomerative import alpha_sweep, assign_newcomer
-from flux_app.feddag_similarity import (
+from flux_app.common.agglomerative import alpha_sweep, assign_newcomer
+from flux_app.common.subspaces import ClassSubspaces, pairwise_class_angles
+from flux_app.methods.feddag.similarity import (
     data_distance,
     feddag_distances,
     fuse,
@@ -18,7 +19,6 @@ from flux_app.feddag_similarity import (
     quantity_weights,
     row_entropy,
 )
-from flux_app.subspaces import ClassSubspaces, pairwise_class_angles
 
 
 def _sym(m: np.ndarray) -> np.ndarray:

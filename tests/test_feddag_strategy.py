@@ -7,10 +7,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 
-from flux_app.config import RunConfig
-from flux_app.inprocess import InProcessGrid
-from flux_app.records import clone_state, record_to_arrays
-from flux_app.strategies import build_strategy
+from flux_app.common.params import clone_state
+from flux_app.common.records import record_to_arrays
+from flux_app.engine.config import RunConfig
+from flux_app.engine.inprocess import InProcessGrid
+from flux_app.engine.server import build_strategy
 
 
 def _start(cfg: dict, n: int, **grid_kw):
@@ -58,8 +59,8 @@ def test_primary_phase_keeps_secondary_bit_identical(feddag_run):
     s = _two_clusters(feddag_run)
     before = {z: clone_state(m) for z, m in s.models.items()}
     nodes = s.select_nodes(3)
-    replies = s.collect_trained(s.send("train", {n: s.train_content(n, 3) for n in nodes}, 3))
-    s.aggregate_primary(replies)
+    replies = s.collect_trained({n: s.train_content(n, 3) for n in nodes}, 3)
+    s.aggregate_primary(replies, 3)
     for z, model in s.models.items():
         for k, v in model.items():
             if k.startswith("secondary."):
@@ -76,8 +77,8 @@ def test_secondary_phase_moves_only_learners_secondary_by_source_delta(feddag_ru
     captured = []
     original = s.collect_trained
 
-    def spy(received):
-        replies = original(received)
+    def spy(contents, server_round):
+        replies = original(contents, server_round)
         captured.extend(replies)
         return replies
 

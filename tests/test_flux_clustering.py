@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from flux_app.flux_clustering import (
+from flux_app.methods.flux.clustering import (
     BlockNormaliser,
     ari_nmi,
     cluster_descriptors,
@@ -21,7 +21,7 @@ from flux_app.flux_clustering import (
     route,
     route_many,
 )
-from flux_app.flux_descriptors import FluxDescriptor, MomentAccumulator
+from flux_app.methods.flux.descriptors import FluxDescriptor, MomentAccumulator
 
 K = C = 10
 METHODS = ["hdbscan", "knee-dbscan"]
@@ -353,7 +353,7 @@ def test_noise_policies():
 
 
 def test_attach_rule_uses_cluster_radius():
-    from flux_app.flux_clustering import _apply_noise_policy
+    from flux_app.methods.flux.clustering import _apply_noise_policy
 
     # cluster 0: centroid (1, 1), radius sqrt 2; cluster 1: tight (radius 0.05), so the global
     # radius (~1.41) is used; noise: 2.7 from centroid 0 (<= 2.83: attached), 3.0 from it

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from flux_app.flux_descriptors import (
+from flux_app.methods.flux.descriptors import (
     DescriptorError,
     FluxDescriptor,
     MomentAccumulator,

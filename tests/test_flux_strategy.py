@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Message, RecordDict
 
-from flux_app.config import RunConfig
-from flux_app.inprocess import InProcessGrid, run_inprocess
-from flux_app.records import record_to_arrays
-from flux_app.strategies import build_strategy
-from flux_app.strategies.flux import Flux
+from flux_app.common.records import record_to_arrays
+from flux_app.engine.config import RunConfig
+from flux_app.engine.inprocess import InProcessGrid, run_inprocess
+from flux_app.engine.server import build_strategy
+from flux_app.methods.flux.strategy import Flux
 
 
 def _run(cfg: dict, n: int, **grid_kw):
@@ -24,7 +24,7 @@ def _run(cfg: dict, n: int, **grid_kw):
 
 @pytest.fixture
 def flux_run(small_run):
-    return small_run | {"strategy": "flux", "cluster-round": 1, "num-server-rounds": 2}
+    return small_run | {"strategy": "flux", "flux-cluster-round": 1, "num-server-rounds": 2}
 
 
 def test_planted_px_groups_recovered_and_holdouts_routed(flux_run):
@@ -85,17 +85,17 @@ def test_bad_descriptor_excludes_node_with_reason(flux_run, kind):
 
 
 def test_trigger_plateau_and_latest_round():
-    cfg = RunConfig(strategy="flux", num_server_rounds=10, cluster_min_round=3)
+    cfg = RunConfig(strategy="flux", num_server_rounds=10).replace(flux_cluster_min_round=3)
     s = Flux(cfg)
     s.val_history = [(1, 0.2), (2, 0.5)]
     assert not s.should_cluster(3)  # gain 0.3 >= 0.06
     s.val_history.append((3, 0.52))
     assert s.should_cluster(4)  # gain 0.02 < 0.06
     s.val_history = [(1, 0.2), (2, 0.21)]
-    assert not s.should_cluster(2)  # before cluster-min-round
+    assert not s.should_cluster(2)  # before flux-cluster-min-round
     s.val_history = [(r, 0.1 * r) for r in range(1, 8)]
     assert not s.should_cluster(7) and s.should_cluster(8)  # ceil(0.8 * 10)
-    s = Flux(cfg.replace(cluster_round=5))
+    s = Flux(cfg.replace(flux_cluster_round=5))
     s.val_history = [(1, 0.2), (2, 0.2), (3, 0.2)]
     assert not s.should_cluster(4) and s.should_cluster(5)
 

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from flux_app.gradient_sketch import angle_distance_matrix, flatten_update, sketch, sketch_indices
+from flux_app.methods.feddag.sketch import (
+    angle_distance_matrix,
+    flatten_update,
+    sketch,
+    sketch_indices,
+)
 
 
 def test_same_seed_same_mask() -> None:

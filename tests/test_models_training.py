@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux_app.models import DualEncoderModel, SplitModel, build_model
-from flux_app.records import ReplyError, check_state, from_record, to_record, weighted_average
-from flux_app.training import evaluate, resolve_device, train
+from flux_app.common.models import DualEncoderModel, SplitModel, build_model
+from flux_app.common.params import weighted_average
+from flux_app.common.records import ReplyError, check_state, from_record, to_record
+from flux_app.common.training import evaluate, resolve_device, train
 
 
 @pytest.mark.parametrize("name", ["lenet5", "cnn", "resnet9"])

@@ -10,10 +10,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from flux_app.config import RunConfig
-from flux_app.inprocess import InProcessGrid, run_inprocess
-from flux_app.records import from_record
-from flux_app.strategies import build_strategy
+from flux_app.common.records import from_record
+from flux_app.engine.config import RunConfig
+from flux_app.engine.inprocess import InProcessGrid, run_inprocess
+from flux_app.engine.server import build_strategy
 
 
 def _grid(cfg: dict, n: int, **kw) -> InProcessGrid:
@@ -83,8 +83,7 @@ def test_fraction_train_samples_and_is_seeded(small_run):
     cfg = RunConfig.from_mapping(small_run | {"fraction-train": 0.5})
     grid = _grid(cfg.to_dict(), 6)
     strategy = build_strategy(cfg)
-    strategy.grid = grid
-    strategy.discover_nodes()
+    strategy.connect(grid)
     a = strategy.sample(strategy.training_nodes(), 1)
     b = strategy.sample(strategy.training_nodes(), 1)
     c = [strategy.sample(strategy.training_nodes(), r) for r in range(2, 8)]
@@ -138,7 +137,7 @@ def test_node_with_bad_info_is_excluded(small_run):
     strategy = build_strategy(cfg)
     strategy.start(_grid(cfg.to_dict(), 3, hooks={1: bad_info}))
     assert len(strategy.training_nodes()) == 2
-    assert any("bad info" in why for why in strategy.excluded.values())
+    assert any("invalid info reply" in why for why in strategy.excluded.values())
 
 
 def test_late_node_joins_training(small_run):

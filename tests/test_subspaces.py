@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.linalg import subspace_angles
 
-from flux_app import subspaces
-from flux_app.subspaces import (
+from flux_app.common import subspaces
+from flux_app.common.subspaces import (
     ClassSubspaces,
     SubspaceError,
     class_angle_matrix,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flux_app.update_split import (
+from flux_app.methods.cfl.split import (
     bipartition,
     cosine_similarity_matrix,
     cross_similarity,

@@ -1,0 +1,384 @@
+"""Typed view of the run-config: a small common part and one section per method.
+
+Every tunable of a run is a kebab-case key in ``[tool.flwr.app.config]`` of pyproject.toml
+(Flower's convention; override with ``flwr run . -c 'key=value'``). :class:`RunConfig` holds the
+keys every run has (data, training, rounds, outputs) as snake_case fields and resolves the
+``"auto"`` values that depend on the dataset. A method's own keys share a prefix (``flux-*``,
+``feddag-*``, ...) and live in its :class:`ConfigSection`, a frozen dataclass that the method
+registers (``@register_config``) and validates itself; ``cfg.section(FluxConfig)`` returns it.
+
+Plug-ins (run-config ``plugins``) register sections the same way. Flower accepts only keys the
+app's pyproject declares, so a plug-in's keys travel inside ``plugin-config`` (``"k=v k2=v2"``)
+and are parsed and validated exactly like built-in ones. Renamed keys keep working for one
+release with a deprecation warning (``ConfigSection.renamed``). A test keeps the defaults here
+and in pyproject.toml identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
+
+import tomllib
+
+from flux_app.engine import registry
+
+logger = logging.getLogger("flwr")
+DATASETS = ("digits", "fmnist", "mnist", "cifar10", "cifar100", "synthetic")
+SHIFTS = ("none", "px", "py", "pyx", "pxy", "label-skew", "concept", "dirichlet")
+MODELS = ("lenet5", "cnn", "resnet9")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Per-dataset values used where the run-config says "auto". digits has ~120 samples per client
+# at 12 clients: the FLUX protocol's lr 0.005 / 2 epochs leaves LeNet-5 at chance there, and
+# lr 0.05 with momentum 0.9 (an effective step of 0.5) leaves some 4-client cluster models stuck
+# near chance for good (Oracle, px level 2, seed 1: one cluster at 3-10 % after 8 rounds), while
+# momentum 0.5 trains every cluster (docs/DECISIONS.md).
+DATASET_PROFILES: dict[str, dict[str, Any]] = {
+    "digits": {"lr": 0.05, "momentum": 0.5, "local_epochs": 10, "model": "lenet5"},
+    "synthetic": {"lr": 0.05, "momentum": 0.9, "local_epochs": 2, "model": "lenet5"},
+    "fmnist": {"lr": 0.005, "momentum": 0.9, "local_epochs": 2, "model": "lenet5"},
+    "mnist": {"lr": 0.005, "momentum": 0.9, "local_epochs": 2, "model": "lenet5"},
+    "cifar10": {"lr": 0.005, "momentum": 0.9, "local_epochs": 2, "model": "lenet5"},
+    "cifar100": {"lr": 0.005, "momentum": 0.9, "local_epochs": 2, "model": "lenet5"},
+}
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type or out of range."""
+
+
+S = TypeVar("S", bound="ConfigSection")
+
+
+@dataclass(frozen=True)
+class ConfigSection:
+    """Base of a method's run-config section: a frozen dataclass whose field ``foo_bar`` is
+    the key ``<prefix>foo-bar`` (a trailing underscore is dropped: ``lambda_`` -> ``lambda``).
+
+    Subclasses set ``prefix`` (e.g. ``"flux-"``), optionally ``renamed`` (deprecated key ->
+    current key) and override :meth:`validate`, raising through :meth:`check` / :meth:`choice`
+    so errors name the key.
+    """
+
+    prefix: ClassVar[str] = ""
+    #: registry name (default: the prefix without its dash)
+    section: ClassVar[str] = ""
+    #: deprecated key -> current key; the old name still works, with a warning
+    renamed: ClassVar[Mapping[str, str]] = {}
+
+    @classmethod
+    def name(cls) -> str:
+        """The section's registry name."""
+        return cls.section or cls.prefix.rstrip("-")
+
+    @classmethod
+    def keys(cls) -> dict[str, str]:
+        """Run-config key -> field name."""
+        return {cls.prefix + f.name.rstrip("_").replace("_", "-"): f.name for f in fields(cls)}
+
+    def key(self, field_name: str) -> str:
+        """The run-config key of one field."""
+        return self.prefix + field_name.rstrip("_").replace("_", "-")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case keys with this section's values."""
+        return {k: getattr(self, f) for k, f in self.keys().items()}
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad key (override)."""
+
+    def check(self, ok: bool, field_name: str, expected: str) -> None:
+        """Raise :class:`ConfigError` for ``field_name`` unless ``ok``."""
+        _check(ok, self.key(field_name), getattr(self, field_name), expected)
+
+    def choice(self, field_name: str, allowed: tuple[str, ...]) -> None:
+        """Raise :class:`ConfigError` unless ``field_name`` is one of ``allowed``."""
+        _choice(self.key(field_name), getattr(self, field_name), allowed)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The keys every run has (snake_case), with the defaults of pyproject.toml, and the
+    method sections (``sections``: name -> :class:`ConfigSection`)."""
+
+    strategy: str = "fedavg"
+    dataset: str = "digits"
+    data_root: str = ""
+    shift: str = "px"
+    level: int = 2
+    alpha: float = 0.5
+    rho: float = 0.2
+    holdout_clients: int = 0
+    num_server_rounds: int = 5
+    local_epochs: int | str = "auto"
+    lr: float | str = "auto"
+    momentum: float | str = "auto"
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    val_fraction: float = 0.2
+    fraction_train: float = 1.0
+    model: str = "auto"
+    seed: int = 0
+    device: str = "auto"
+    output_dir: str = ""
+    run_name: str = ""
+    eval_every: int = 1
+    round_timeout: float = 600.0
+    min_nodes: int = 0
+    #: K for the methods that are told the number of clusters (IFCA, FeSEM, kmeans-flux)
+    num_clusters: int = 3
+    #: how a cluster combines its members' updates (:mod:`flux_app.engine.aggregation`)
+    cluster_aggregator: str = "fedavg"
+    #: module paths imported by the ServerApp and the ClientApp (they register methods)
+    plugins: str = ""
+    #: ``"key=value ..."``: keys of plug-in sections (Flower only accepts declared keys)
+    plugin_config: str = ""
+    sections: Mapping[str, ConfigSection] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        # Canonical form: every registered section present (its defaults when not given), so
+        # two configs with the same values compare equal however they were built.
+        registry.load_plugins(self.plugins)
+        full = {name: self.sections.get(name) or cls() for name, cls in registry.SECTIONS.items()}
+        object.__setattr__(self, "sections", full)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, strict: bool = True) -> RunConfig:
+        """Build from a Flower run-config (kebab-case keys).
+
+        Imports the plug-ins named by ``plugins`` first (their sections and strategies
+        register), adds the keys of ``plugin-config``, then checks every key.
+
+        Parameters
+        ----------
+        values : Mapping[str, Any]
+            ``context.run_config`` or any dict with kebab-case (or snake_case) keys.
+        strict : bool
+            Reject keys this app does not know (a typo would otherwise be ignored silently).
+        """
+        values = {k.replace("_", "-"): v for k, v in values.items()}
+        try:
+            registry.load_plugins(str(values.get("plugins", "")))
+        except registry.RegistryError as err:
+            raise ConfigError(str(err)) from None
+        for key, value in parse_plugin_config(str(values.get("plugin-config", ""))).items():
+            if key in values and values[key] != value:  # to_dict() output holds both, equal
+                raise ConfigError(
+                    f"run-config key {key!r} is given twice, as {values[key]!r} and in "
+                    f"plugin-config as {value!r}"
+                )
+            values[key] = value
+        common = {f.name: f for f in fields(cls) if f.name != "sections"}
+        owners = _section_keys()
+        kwargs: dict[str, Any] = {}
+        by_section: dict[str, dict[str, Any]] = {}
+        for key, value in values.items():
+            key = _current_key(key)
+            name = key.replace("-", "_")
+            if name in common:
+                default = common[name].default
+                kwargs[name] = _coerce(key, value, default, numeric=name in _NUMERIC_OR_AUTO)
+            elif key in owners:
+                section_cls, fname = owners[key]
+                default = {f.name: f.default for f in fields(section_cls)}[fname]
+                by_section.setdefault(section_cls.name(), {})[fname] = _coerce(key, value, default)
+            elif strict:
+                known = sorted(k.replace("_", "-") for k in common) + sorted(owners)
+                raise ConfigError(f"unknown run-config key {key!r}; known keys: {', '.join(known)}")
+        sections = {
+            name: registry.SECTIONS[name](**by_section.get(name, {})) for name in registry.SECTIONS
+        }
+        cfg = cls(**kwargs, sections=sections)
+        cfg.validate()
+        return cfg
+
+    def section(self, section_cls: type[S]) -> S:
+        """This run's values of a method's section (its defaults when the run sets none)."""
+        got = self.sections.get(section_cls.name())
+        return got if isinstance(got, section_cls) else section_cls()
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """Copy with some keys changed, validated; names are snake_case keys, common or of a
+        section (``replace(lr=0.1, flux_proj_dim=4)``)."""
+        common = {f.name for f in fields(self)}
+        owners = _section_keys()
+        sections = dict(self.sections)
+        kept = {}
+        for name, value in changes.items():
+            if name in common:
+                kept[name] = value
+                continue
+            key = _current_key(name.replace("_", "-"))
+            if key not in owners:
+                raise ConfigError(f"unknown run-config key {key!r}")
+            section_cls, fname = owners[key]
+            sections[section_cls.name()] = dataclasses.replace(
+                sections.get(section_cls.name()) or section_cls(), **{fname: value}
+            )
+        cfg = dataclasses.replace(self, **kept, sections=sections)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case dict of every key (common and every registered section), as written to
+        run_config.json and accepted by ``from_mapping``."""
+        registry.load_plugins(self.plugins)
+        out = {
+            f.name.replace("_", "-"): getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "sections"
+        }
+        for section_cls in registry.SECTIONS.values():
+            out.update(self.section(section_cls).to_dict())
+        return out
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad key (common keys, then sections)."""
+        if self.strategy not in registry.STRATEGIES:
+            registry.load_plugins(self.plugins)
+        _choice("strategy", self.strategy, tuple(sorted(registry.STRATEGIES)))
+        _choice("cluster-aggregator", self.cluster_aggregator, tuple(sorted(registry.AGGREGATORS)))
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("shift", self.shift, SHIFTS)
+        _choice("device", self.device, DEVICES)
+        if self.model != "auto":
+            _choice("model", self.model, MODELS)
+        _check(1 <= self.level <= 8, "level", self.level, "an integer in 1..8")
+        _check(self.alpha > 0, "alpha", self.alpha, "> 0")
+        _check(0 < self.rho <= 1, "rho", self.rho, "in (0, 1]")
+        _check(self.holdout_clients >= 0, "holdout-clients", self.holdout_clients, ">= 0")
+        _check(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, ">= 1")
+        _check(self.batch_size >= 1, "batch-size", self.batch_size, ">= 1")
+        _check(0 <= self.val_fraction < 1, "val-fraction", self.val_fraction, "in [0, 1)")
+        _check(0 < self.fraction_train <= 1, "fraction-train", self.fraction_train, "in (0, 1]")
+        _check(self.eval_every >= 1, "eval-every", self.eval_every, ">= 1")
+        _check(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0")
+        if self.momentum != "auto":
+            _check(float(self.momentum) >= 0, "momentum", self.momentum, '>= 0 or "auto"')
+        _check(self.weight_decay >= 0, "weight-decay", self.weight_decay, ">= 0")
+        _check(self.num_clusters >= 1, "num-clusters", self.num_clusters, ">= 1")
+        if self.lr != "auto":
+            _check(float(self.lr) > 0, "lr", self.lr, '> 0 or "auto"')
+        if self.local_epochs != "auto":
+            _check(int(self.local_epochs) >= 1, "local-epochs", self.local_epochs, '>= 1 or "auto"')
+        for section in self.sections.values():
+            section.validate()
+
+    # ------------------------------------------------------------------ resolved values
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or the dataset's default when ``lr = "auto"``."""
+        return float(DATASET_PROFILES[self.dataset]["lr"] if self.lr == "auto" else self.lr)
+
+    @property
+    def sgd_momentum(self) -> float:
+        """``momentum``, or the dataset's default when ``momentum = "auto"``."""
+        if self.momentum == "auto":
+            return float(DATASET_PROFILES[self.dataset]["momentum"])
+        return float(self.momentum)
+
+    @property
+    def epochs(self) -> int:
+        """``local-epochs``, or the dataset's default when ``"auto"``."""
+        if self.local_epochs == "auto":
+            return int(DATASET_PROFILES[self.dataset]["local_epochs"])
+        return int(self.local_epochs)
+
+    @property
+    def model_name(self) -> str:
+        """``model``, or the dataset's default when ``"auto"``."""
+        return str(DATASET_PROFILES[self.dataset]["model"] if self.model == "auto" else self.model)
+
+    @property
+    def resolved_output_dir(self) -> str:
+        """Absolute output folder: ``output-dir``, else $FLUX_APP_OUTPUT_DIR, else ./outputs.
+
+        The ServerApp runs in the SuperLink's working directory, so the scripts pass an
+        absolute ``output-dir``; a relative one is resolved here once, explicitly.
+        """
+        out = self.output_dir or os.environ.get("FLUX_APP_OUTPUT_DIR", "") or "outputs"
+        return os.path.abspath(os.path.expanduser(out))
+
+
+_NUMERIC_OR_AUTO = ("lr", "local_epochs", "momentum")
+
+
+def _coerce(key: str, value: Any, default: Any, *, numeric: bool = False) -> Any:
+    """Convert a run-config value to the type of the field's default."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if numeric:  # a number or "auto"
+            if isinstance(value, str):
+                return "auto" if value == "auto" else float(value)
+            return value
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"run-config key {key!r} has value {value!r}; expected {type(default).__name__}"
+        ) from None
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"run-config key {key!r} is {value!r}; choose one of {', '.join(allowed)}"
+        )
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"run-config key {key!r} is {value!r}; expected {expected}")
+
+
+def parse_plugin_config(text: str) -> dict[str, Any]:
+    """``"k=v k2=v2"`` (spaces or commas between pairs; values as in TOML, bare words as text)."""
+    out: dict[str, Any] = {}
+    for item in (t for t in re.split(r"[,\s]+", text.strip()) if t):
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"plugin-config entry {item!r} is not key=value")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def _section_keys() -> dict[str, tuple[type[ConfigSection], str]]:
+    """Run-config key -> (section class, field) over every registered section."""
+    return {k: (cls, f) for cls in registry.SECTIONS.values() for k, f in cls.keys().items()}
+
+
+def _current_key(key: str) -> str:
+    """The current name of a renamed key (with a deprecation warning), else ``key``."""
+    for section_cls in registry.SECTIONS.values():
+        new = section_cls.renamed.get(key)
+        if new is not None:
+            msg = f"run-config key {key!r} is deprecated; use {new!r} (the old name goes in the next release)"
+            warnings.warn(msg, DeprecationWarning, stacklevel=3)
+            logger.warning(msg)
+            return new
+    return key

@@ -1,0 +1,160 @@
+"""The round loop of a clustered strategy: discovery, rounds, late nodes, the end of the run.
+
+:func:`run_rounds` drives a :class:`~flux_app.engine.strategy.ClusteredStrategy` through its
+hooks; it is the data flow of docs/ARCHITECTURE.md ("a round").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from flux_app.engine import metrics
+from flux_app.engine.results import FINAL_DEFAULTS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flux_app.engine.strategy import ClusteredStrategy
+
+logger = logging.getLogger("flwr")
+
+
+def run_rounds(s: ClusteredStrategy, t_start: float) -> dict[str, Any]:
+    """Set up, run ``num-server-rounds`` rounds and finish (nodes already discovered by
+    ``connect``); returns results.json's content."""
+    s.setup()
+    rounds = s.cfg.num_server_rounds
+    for rnd in range(1, rounds + 1):
+        t0 = time.time()
+        s.traffic_counter.start_round()
+        admit_new_nodes(s, rnd)
+        s.phase = "train"
+        s.before_round(rnd)
+        s.train_losses = []
+        s.train_round(rnd)
+        accuracy = val_accuracy = None
+        if rnd % s.cfg.eval_every == 0 or rnd == rounds:
+            accuracy, val_accuracy = evaluate_round(s, rnd)
+        row = {
+            "round": rnd,
+            "phase": s.phase,
+            "num_clusters": len(set(s.assignment.values())),
+            "train_loss": metrics.mean(s.train_losses),
+            "accuracy": accuracy,
+            "val_accuracy": val_accuracy,
+            "bytes_up": s.traffic_counter.round["up"],
+            "bytes_down": s.traffic_counter.round["down"],
+            "seconds": round(time.time() - t0, 3),
+        }
+        s.after_round(rnd, row)
+        s.results["rounds"].append(row)
+        if s.recorder is not None:
+            s.recorder.add_round(row)
+        logger.info(
+            "[round %d/%d] phase=%s clusters=%d accuracy=%s seconds=%.1f",
+            rnd,
+            rounds,
+            row["phase"],
+            row["num_clusters"],
+            "-" if accuracy is None else f"{accuracy:.4f}",
+            row["seconds"],
+        )
+    return finish(s, time.time() - t_start)
+
+
+def discover(s: ClusteredStrategy, wait_seconds: float = 120.0) -> None:
+    """Wait for the nodes, admit them, and check that some node can train."""
+    s.book.discover(s._transport(), s.cfg.min_nodes, wait_seconds)
+    if not s.training_nodes():
+        raise ValueError(
+            f"holdout-clients={s.cfg.holdout_clients} leaves no node to train "
+            f"({len(s.nodes)} nodes)"
+        )
+    logger.info(
+        "%s: %d training node(s), %d held out",
+        s.name,
+        len(s.training_nodes()),
+        len(s.holdout_nodes()),
+    )
+
+
+def admit_new_nodes(s: ClusteredStrategy, server_round: int) -> None:
+    """Nodes that connect after the start: held-out ones wait for the end; others are routed
+    to a cluster (hook ``route``) and train from this round on."""
+    transport = s._transport()
+    new = s.book.unknown(transport.grid.get_node_ids())
+    if not new:
+        return
+    joined = s.book.query(transport, new, server_round)
+    trainers = [n for n in joined if not s.nodes[n].holdout]
+    for node_id, cluster in s.route(trainers, server_round).items():
+        if cluster is None:
+            cluster = s.new_cluster_for(node_id)
+        s.assignment[node_id] = cluster
+        logger.info("node %s joined in round %d -> cluster %s", node_id, server_round, cluster)
+
+
+def evaluate_round(s: ClusteredStrategy, rnd: int) -> tuple[float | None, float | None]:
+    """Evaluate every assigned node with its model; note each node's best accuracy."""
+    s.last_eval = s.evaluate_nodes({n: s.model_for(n) for n in s.assignment}, rnd)
+    accuracy = metrics.mean(m["accuracy"] for m in s.last_eval.values())
+    val_accuracy = metrics.mean(m.get("val-accuracy") for m in s.last_eval.values())
+    if s.counts_for_best(rnd):
+        for n, m in s.last_eval.items():
+            if m.get("accuracy") is not None:
+                s.best_accuracy[n] = max(s.best_accuracy.get(n, 0.0), float(m["accuracy"]))
+    return accuracy, val_accuracy
+
+
+def finish(s: ClusteredStrategy, wall_seconds: float) -> dict[str, Any]:
+    """Route and evaluate held-out nodes, compute final metrics, write checkpoints and plot."""
+    end_round = s.cfg.num_server_rounds + 1
+    holdouts = s.holdout_nodes()
+    routed = s.route(holdouts, end_round) if holdouts else {}
+    usable = {n: c for n, c in routed.items() if c is not None and c in s.models}
+    holdout_eval = s.evaluate_nodes({n: s.models[c] for n, c in usable.items()}, end_round)
+    ari, nmi = s.assignment_scores()
+
+    def by_client(evals: dict[int, dict[str, float]]) -> dict[str, float]:
+        return {
+            str(s.nodes[n].partition_id): float(evals[n]["accuracy"])
+            for n in s.ordered(evals)
+            if n in s.nodes
+        }
+
+    final: dict[str, Any] = {
+        **FINAL_DEFAULTS,
+        "accuracy_known": metrics.mean(m["accuracy"] for m in s.last_eval.values()),
+        # each client's best over the evaluated rounds (hook counts_for_best), averaged
+        "accuracy_best_over_rounds": metrics.mean(s.best_accuracy.values()),
+        "accuracy_holdout": metrics.mean(m["accuracy"] for m in holdout_eval.values())
+        if holdouts
+        else None,
+        "num_clusters": len(set(s.assignment.values())),
+        "ari": ari,
+        "nmi": nmi,
+        "routing_accuracy": metrics.routing_accuracy(s.nodes, s.assignment, usable)
+        if holdouts
+        else None,
+        "holdout_assignment": {str(s.nodes[n].partition_id): c for n, c in routed.items()},
+        "wall_seconds": round(wall_seconds, 3),
+        "bytes_descriptor_up": s.traffic_counter.up(*s.descriptor_types),
+        "bytes_model_up": s.traffic["train"]["up"],
+        "bytes_model_down": s.traffic["train"]["down"],
+        "cluster_aggregator": s.aggregation.name,
+        "excluded_nodes": {str(k): v for k, v in s.excluded.items()},
+        # per partition id: what the unweighted means above are means of
+        "accuracy_by_client": by_client(s.last_eval),
+        "accuracy_holdout_by_client": by_client(holdout_eval),
+    }
+    final.update(s.final_metrics())
+    s.results["final"] = final
+    if s.recorder is not None:
+        s.recorder.set("final", final)
+        s.recorder.save_checkpoints(s.models)
+        s.recorder.plot()
+        logger.info("results: %s", s.recorder.results_path)
+    return s.results
+
+
+__all__ = ["admit_new_nodes", "discover", "evaluate_round", "finish", "run_rounds"]

@@ -1,0 +1,137 @@
+"""The nodes of a run: who they are (their ``query.info``), which are held out, which excluded.
+
+A node is admitted once its info reply passes :func:`parse_info`; held-out nodes (the last
+``holdout-clients`` partitions) never train and are routed at the end. Exclusions are kept with
+their reason and reported in results.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flwr.app import RecordDict
+
+from flux_app.engine.transport import Transport
+
+logger = logging.getLogger("flwr")
+
+INFO = "query.info"
+
+
+@dataclass
+class NodeInfo:
+    """What the server knows about a node, from its ``query.info`` reply.
+
+    ``group`` is the ground-truth shift group of the node's simulated data. It exists for
+    metrics (ARI, routing accuracy) and for the Oracle baseline only; no other method reads it.
+    """
+
+    node_id: int
+    partition_id: int
+    num_partitions: int
+    num_train: int
+    num_val: int
+    num_test: int
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    group: int
+    holdout: bool = False
+
+
+def parse_info(node_id: int, content: RecordDict) -> NodeInfo:
+    """A node's ``query.info`` reply, checked; raises ``ValueError``/``KeyError``/``TypeError``."""
+    info = content.metric_records["info"]
+    shape = tuple(int(v) for v in info["input-shape"])
+    node = NodeInfo(
+        node_id=node_id,
+        partition_id=int(info["partition-id"]),
+        num_partitions=int(info["num-partitions"]),
+        num_train=int(info["num-train"]),
+        num_val=int(info["num-val"]),
+        num_test=int(info["num-test"]),
+        num_classes=int(info["num-classes"]),
+        input_shape=shape,  # type: ignore[arg-type]
+        group=int(info["group"]),
+    )
+    if len(shape) != 3 or node.num_classes < 2 or node.num_partitions < 1:
+        raise ValueError("implausible shape/classes/partitions")
+    return node
+
+
+class NodeBook:
+    """Known nodes (``info``), excluded nodes with reasons (``excluded``), stable ordering.
+
+    Parameters
+    ----------
+    holdout_clients : int
+        The last this many partitions are held out (never train).
+    """
+
+    def __init__(self, holdout_clients: int = 0) -> None:
+        self.holdout_clients = holdout_clients
+        self.info: dict[int, NodeInfo] = {}
+        self.excluded: dict[int, str] = {}
+
+    def ordered(self, node_ids: Iterable[int]) -> list[int]:
+        """Nodes by partition id: keeps sampling and averaging order identical across runs."""
+        return sorted(
+            node_ids, key=lambda n: (self.info[n].partition_id if n in self.info else 1 << 30, n)
+        )
+
+    def training(self) -> list[int]:
+        """Known, non-held-out nodes in partition order."""
+        return [n for n in self.ordered(self.info) if not self.info[n].holdout]
+
+    def holdout(self) -> list[int]:
+        """Held-out nodes in partition order."""
+        return [n for n in self.ordered(self.info) if self.info[n].holdout]
+
+    def unknown(self, node_ids: Iterable[int]) -> list[int]:
+        """Of ``node_ids``, those neither known nor excluded."""
+        return sorted(n for n in node_ids if n not in self.info and n not in self.excluded)
+
+    def query(self, transport: Transport, node_ids: Iterable[int], server_round: int) -> list[int]:
+        """Ask ``node_ids`` for their info; admit the valid ones; returns the admitted ids."""
+        ids = sorted(node_ids)
+        if not ids:
+            return []
+        got = transport.collect(
+            INFO,
+            {n: RecordDict() for n in ids},
+            server_round,
+            parse_info,
+            what="info reply",
+            excluded=self.excluded,
+            exclude_missing=False,  # a node that has not answered yet is asked again later
+        )
+        for node_id, node in got.items():
+            node.holdout = node.partition_id >= node.num_partitions - self.holdout_clients
+            self.info[node_id] = node
+        return list(got)
+
+    def discover(
+        self, transport: Transport, min_nodes: int = 0, wait_seconds: float = 120.0
+    ) -> None:
+        """Wait for nodes and ask each for its info.
+
+        Waits until every partition announced by the nodes (``num-partitions``) is connected,
+        or ``min_nodes`` when set, for at most ``wait_seconds``; goes on with what it has then.
+        """
+        deadline = time.time() + wait_seconds
+        while True:
+            self.query(transport, self.unknown(transport.grid.get_node_ids()), 0)
+            expected = min_nodes or max((i.num_partitions for i in self.info.values()), default=1)
+            if len(self.info) + len(self.excluded) >= expected:
+                break
+            if time.time() > deadline:
+                if not self.info:
+                    raise RuntimeError(f"no node answered within {wait_seconds:.0f} s")
+                logger.warning("only %d of %d nodes connected; going on", len(self.info), expected)
+                break
+            time.sleep(1.0)
+
+
+__all__ = ["INFO", "NodeBook", "NodeInfo", "parse_info"]

@@ -1,0 +1,148 @@
+"""Talking to nodes: one Message per node, replies checked, every rejection recorded.
+
+:meth:`Transport.send` delivers and returns the replies that arrived without error;
+:meth:`Transport.collect` also parses each reply with the caller's validator, so a malformed
+reply never reaches a model or the clustering: it is logged with the node and the reason and,
+when the caller keeps an exclusion book, recorded there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import TypeVar
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from flux_app.engine.traffic import Traffic
+
+logger = logging.getLogger("flwr")
+
+T = TypeVar("T")
+
+#: what a validator may raise for a bad reply (OverflowError etc. are ArithmeticErrors)
+REPLY_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError, ArithmeticError)
+
+
+class Transport:
+    """Sends Messages through a Grid and counts their bytes.
+
+    Parameters
+    ----------
+    grid : Grid
+        Flower's Grid (simulation, deployment or :class:`InProcessGrid`).
+    timeout : float
+        Seconds to wait for the replies of one ``send`` (run-config ``round-timeout``).
+    order : callable
+        Sorts node ids (the strategy's stable partition order).
+    traffic : Traffic, optional
+        Where bytes are counted (a fresh one by default).
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        timeout: float,
+        order: Callable[[list[int]], list[int]],
+        traffic: Traffic | None = None,
+    ) -> None:
+        self.grid = grid
+        self.timeout = timeout
+        self.order = order
+        self.traffic = traffic if traffic is not None else Traffic()
+
+    def send(
+        self, message_type: str, contents: Mapping[int, RecordDict], server_round: int
+    ) -> dict[int, RecordDict]:
+        """One Message per node; the content of every reply that arrived without error.
+
+        Error replies and nodes that did not answer within the timeout are logged and left out.
+        """
+        if not contents:
+            return {}
+        messages = []
+        for node_id in self.order(list(contents)):
+            content = contents[node_id]
+            self.traffic.count(message_type, "down", content)
+            messages.append(
+                Message(
+                    content,
+                    dst_node_id=node_id,
+                    message_type=message_type,
+                    group_id=str(server_round),
+                )
+            )
+        out: dict[int, RecordDict] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            src = reply.metadata.src_node_id
+            if src not in contents:
+                logger.warning(
+                    "%s: reply from node %s, which was not asked; ignored", message_type, src
+                )
+                continue
+            if reply.has_error():
+                logger.warning(
+                    "node %s (%s): error reply: %s", src, message_type, reply.error.reason
+                )
+                continue
+            self.traffic.count(message_type, "up", reply.content)
+            out[src] = reply.content
+        missing = set(contents) - set(out)
+        if missing:
+            logger.warning(
+                "%s: no valid reply from %d node(s): %s",
+                message_type,
+                len(missing),
+                sorted(missing),
+            )
+        return out
+
+    def collect(
+        self,
+        message_type: str,
+        contents: Mapping[int, RecordDict],
+        server_round: int,
+        parse: Callable[[int, RecordDict], T],
+        *,
+        what: str,
+        excluded: MutableMapping[int, str] | None = None,
+        exclude_missing: bool = True,
+    ) -> dict[int, T]:
+        """Send, then validate every reply with ``parse(node_id, content)``.
+
+        Parameters
+        ----------
+        message_type, contents, server_round
+            As for :meth:`send`.
+        parse : callable
+            Returns the parsed value or raises (one of :data:`REPLY_ERRORS`) for a bad reply.
+        what : str
+            Names the reply in log lines and exclusion reasons (e.g. ``"descriptor"``).
+        excluded : dict, optional
+            Exclusion book (node -> reason): a rejected reply is recorded as
+            ``invalid <what>: <reason>``, a missing one as ``no <what> reply`` (keeping an earlier
+            reason) unless ``exclude_missing`` is false (the node may still answer later).
+
+        Returns
+        -------
+        dict
+            Node -> parsed value, for the nodes whose reply passed, in node order.
+        """
+        replies = self.send(message_type, contents, server_round)
+        out: dict[int, T] = {}
+        for node_id in self.order(list(contents)):
+            if node_id not in replies:
+                if excluded is not None and exclude_missing:
+                    excluded.setdefault(node_id, f"no {what} reply")
+                continue
+            try:
+                out[node_id] = parse(node_id, replies[node_id])
+            except REPLY_ERRORS as err:
+                logger.warning("node %s: invalid %s rejected: %s", node_id, what, err)
+                if excluded is not None:
+                    excluded[node_id] = f"invalid {what}: {err}"
+        return out
+
+
+__all__ = ["REPLY_ERRORS", "Transport"]

@@ -1,0 +1,35 @@
+"""FedDAG's run-config section: every key starts with ``feddag-`` (docs/CONFIG.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from flux_app.engine.config import ConfigSection
+from flux_app.engine.registry import register_config
+
+
+@register_config
+@dataclass(frozen=True)
+class FeddagConfig(ConfigSection):
+    """Warm-up, similarity, sweep, complementarity graph and variant of FedDAG."""
+
+    prefix: ClassVar[str] = "feddag-"
+
+    warmup_rounds: int = 2
+    warmup_epochs: int = 10
+    sketch_fraction: float = 0.02
+    sketch_seed: int = 4321
+    subspace_dim: int = 3
+    similarity: str = "fused"
+    delta: float = 0.5
+    lambda_: float = 0.01
+    alpha_step: float = 0.05
+    top_k: int = 2
+    variant: str = "dual"
+    schedule_k: int = 0
+
+    def validate(self) -> None:  # noqa: D102
+        self.choice("similarity", ("fused", "data", "gradient"))
+        self.choice("variant", ("dual", "single", "dagger"))
+        self.check(0 < self.sketch_fraction <= 1, "sketch_fraction", "in (0, 1]")

@@ -1,0 +1,423 @@
+"""FedDAG (Pramanik et al., ICLR 2026): data + gradient similarity, alpha sweep, dual encoders.
+
+Schedule (rounds count toward ``num-server-rounds``)
+    1. Warm-up, rounds ``1..feddag-warmup-rounds`` (t_g): every training node trains its own
+       model from the common seeded init for ``feddag-warmup-epochs`` epochs per round, no
+       federation. In the last warm-up round each node keeps the sketch of its update (the
+       shared-seed ``feddag-sketch-fraction`` of coordinates) in its ``context.state``.
+    2. Clustering, at the start of round t_g + 1 (one shot): ``query.feddag`` returns every
+       node's sketch, per-class top-p subspaces of its raw inputs and class counts. The server
+       builds the fused distance (:func:`feddag_distances`; ``feddag-similarity`` = fused | data |
+       gradient), runs the alpha sweep (:func:`alpha_sweep`, deterministic "stable" pick, see
+       flux_app/common/agglomerative.py for why the paper's "lowest loss, largest alpha" rule is kept only
+       as an option) and the complementarity graph (``feddag-top-k`` sources per learner).
+    3. Cluster training, every later round, on a ``fraction-train`` sample:
+       primary phase: sampled nodes train primary encoder + head of their cluster's dual model,
+       secondary frozen; FedAvg of (primary, head) inside the cluster. Secondary phase (every
+       round, or once every ``feddag-schedule-k`` + 1 rounds when > 0, the K:1 schedule): for each
+       source cluster q, the server sends phi2' = mean of q's learners' secondary encoders; q's
+       sampled nodes train phi2' through q's frozen primary and head; the sample-weighted mean
+       delta is added to every learner's secondary encoder.
+
+Variants (``feddag-variant``): ``dual`` (FedDAG), ``single`` (FedDAG*: one encoder + head per
+cluster, no sharing), ``dagger`` (FedDAG-dagger: dual encoder, the secondary learns only from its
+own cluster).
+
+Cluster model init: primary = sample-weighted mean of the members' warm-up encoders; secondary and
+head fresh (seeded per cluster). FedDAG* starts from the weighted mean of the whole warm-up models.
+
+Newcomers (late nodes and held-out nodes at the end) do the same warm-up on their own data,
+send sketch + subspaces, fit only their own fusion weight, and are placed by one average-linkage
+pass at the stored threshold (the sweep's ``newcomer_alpha``); a node that would open a new
+cluster is served by the nearest cluster (a new cluster would have no trained model).
+
+Metrics: ``accuracy_known`` is the final-round mean; ``accuracy_best_over_rounds`` (each client's
+best accuracy over rounds, the optimistic metric of FedDAG's public code) is reported beside it,
+labelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict, defaultdict
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, RecordDict
+
+from flux_app.common.agglomerative import SweepResult, alpha_sweep, assign_newcomer
+from flux_app.common.models import build_model
+from flux_app.common.params import State, clone_state, weighted_average
+from flux_app.common.records import (
+    ReplyError,
+    check_state,
+    from_record,
+    get_array_record,
+    get_metric,
+    record_to_arrays,
+)
+from flux_app.common.seeding import derive_seed
+from flux_app.common.subspaces import ClassSubspaces, pairwise_class_angles
+from flux_app.engine.registry import register_strategy
+from flux_app.engine.strategy import ClusteredStrategy, Reply
+from flux_app.methods.feddag.client import SKETCH_HOOK
+from flux_app.methods.feddag.complementarity import ComplementarityGraph, complementarity_graph
+from flux_app.methods.feddag.config import FeddagConfig
+from flux_app.methods.feddag.similarity import FeddagDistances, feddag_distances, newcomer_distances
+from flux_app.methods.feddag.sketch import sketch_indices
+
+logger = logging.getLogger("flwr")
+
+MAX_SKETCH_VALUE = 1e6
+FEDDAG = "query.feddag"
+#: train config of the two cluster-training phases of the dual model (generic train options:
+#: which sub-modules learn, and a tag that keeps the phases' batch orders apart)
+PRIMARY_PHASE = {"trainable": "primary.,head.", "seed-tag": "primary"}
+SECONDARY_PHASE = {"trainable": "secondary.", "seed-tag": "secondary"}
+
+
+@register_strategy("feddag")
+class FedDag(ClusteredStrategy):
+    """FedDAG on the strategy base (see the module docstring)."""
+
+    descriptor_types = (FEDDAG,)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.opts = self.cfg.section(FeddagConfig)
+        self.variant = self.opts.variant
+        self.dual_model = self.variant != "single"
+        self.warmup_rounds = self.opts.warmup_rounds
+        if self.cfg.num_server_rounds <= self.warmup_rounds:
+            raise ValueError(
+                f"feddag needs num-server-rounds ({self.cfg.num_server_rounds}) > "
+                f"feddag-warmup-rounds ({self.warmup_rounds}): no round would be left to train clusters"
+            )
+        self.clustered = False
+        self.sweep: SweepResult | None = None
+        self.distances: FeddagDistances | None = None
+        self.graph: ComplementarityGraph | None = None
+        self.sources: dict[int, list[int]] = {}
+        self.population: tuple[list[int], list[ClassSubspaces], np.ndarray] | None = None
+        self.rounds_since_clustering = 0
+
+    # ------------------------------------------------------------------ warm-up
+    def setup(self) -> None:
+        """Warm-up: every node its own model (from the common init), like Local."""
+        self.init = self.initial_model()
+        self.assignment = {n: i for i, n in enumerate(self.training_nodes())}
+        self.models = {i: clone_state(self.init) for i in self.assignment.values()}
+
+    def in_warmup(self, server_round: int) -> bool:
+        """Rounds 1..feddag-warmup-rounds are local warm-up."""
+        return server_round <= self.warmup_rounds
+
+    def warmup_config(self, server_round: int) -> dict[str, Any]:
+        """Train config of a warm-up round; the last one keeps the update sketch."""
+        conf: dict[str, Any] = {"local-epochs": self.opts.warmup_epochs}
+        if server_round == self.warmup_rounds:
+            conf.update(
+                {
+                    "after-train": SKETCH_HOOK,
+                    "sketch-fraction": self.opts.sketch_fraction,
+                    "sketch-seed": self.opts.sketch_seed,
+                }
+            )
+        return conf
+
+    def select_nodes(self, server_round: int) -> list[int]:  # noqa: D102
+        if self.in_warmup(server_round):
+            return self.training_nodes_assigned()
+        return super().select_nodes(server_round)
+
+    def training_nodes_assigned(self) -> list[int]:
+        """Every node that currently has a cluster (all trainers during warm-up)."""
+        return self.ordered(self.assignment)
+
+    def train_content(self, node_id: int, server_round: int) -> RecordDict:  # noqa: D102
+        state = self.models[self.assignment[node_id]]
+        if self.in_warmup(server_round):
+            return self.model_content(state, server_round, **self.warmup_config(server_round))
+        if not self.dual_model:
+            return self.model_content(state, server_round)
+        return self.model_content(state, server_round, **PRIMARY_PHASE)
+
+    def new_cluster_for(self, node_id: int) -> int:
+        """A node joining during warm-up warms up on its own, like the others."""
+        cid = max(self.models) + 1
+        self.models[cid] = clone_state(self.init)
+        return cid
+
+    # ------------------------------------------------------------------ clustering
+    def before_round(self, server_round: int) -> None:  # noqa: D102
+        if not self.clustered and server_round == self.warmup_rounds + 1:
+            self.cluster_now(server_round)
+
+    def sketch_length(self) -> int:
+        """Number of coordinates every node's sketch must have."""
+        num_params = sum(v.numel() for v in self.init.values() if v.is_floating_point())
+        return len(sketch_indices(num_params, self.opts.sketch_fraction, self.opts.sketch_seed))
+
+    def collect_feddag(
+        self, node_ids: list[int], server_round: int
+    ) -> dict[int, tuple[ClassSubspaces, np.ndarray]]:
+        """``query.feddag`` to ``node_ids``; the valid (subspaces, sketch) pairs."""
+        p = self.opts.subspace_dim
+        payload = RecordDict({"config": ConfigRecord({"server-round": server_round, "p": p})})
+        m = self.sketch_length()
+
+        def parse(n: int, content: RecordDict) -> tuple[ClassSubspaces, np.ndarray]:
+            info = self.nodes[n]
+            sk = record_to_arrays(get_array_record(content, "sketch"))
+            if set(sk) != {"sketch"}:
+                raise ReplyError(f"sketch record keys {sorted(sk)}")
+            vec = np.asarray(sk["sketch"])
+            if vec.shape != (m,) or vec.dtype.kind != "f":
+                raise ReplyError(
+                    f"sketch shape/dtype {vec.shape}/{vec.dtype}, expected ({m},) float"
+                )
+            if not np.isfinite(vec).all() or np.abs(vec).max(initial=0) > MAX_SKETCH_VALUE:
+                raise ReplyError("sketch has non-finite or absurd values")
+            subs = ClassSubspaces.from_arrays(
+                record_to_arrays(get_array_record(content, "subspaces")),
+                dim=int(np.prod(info.input_shape)),
+                num_classes=info.num_classes,
+                p=p,
+            )
+            return subs, vec.astype(np.float64)
+
+        return self.collect(
+            FEDDAG, {n: payload for n in node_ids}, server_round, parse, what="feddag descriptor"
+        )
+
+    def cluster_now(self, server_round: int) -> None:
+        """One-shot clustering after warm-up; builds the cluster models and the graph."""
+        opts = self.opts
+        trainers = self.ordered(self.assignment)
+        warm = {n: self.models[self.assignment[n]] for n in trainers}
+        got = self.collect_feddag(trainers, server_round)
+        ids = self.ordered(got)
+        if not ids:
+            raise RuntimeError("feddag: no node sent a valid sketch/subspaces; cannot cluster")
+        subs = [got[n][0] for n in ids]
+        sketches = np.stack([got[n][1] for n in ids])
+        angles = pairwise_class_angles(subs)
+        self.distances = feddag_distances(
+            subs, sketches, opts.similarity, opts.delta, class_angles=angles
+        )
+        self.sweep = alpha_sweep(self.distances.a, step=opts.alpha_step, lam=opts.lambda_)
+        labels = [int(z) for z in self.sweep.labels]
+        self.population = (ids, subs, sketches)
+        num_clusters = max(labels) + 1
+        counts = np.stack([s.counts for s in subs])
+        if self.variant == "dual":
+            self.graph = complementarity_graph(np.asarray(labels), counts, angles, top_k=opts.top_k)
+            self.sources = {int(k): [int(q) for q in v] for k, v in self.graph.sources.items()}
+        elif self.variant == "dagger":
+            self.sources = {z: [z] for z in range(num_clusters)}
+        # Cluster models from the members' warm-up models.
+        new_assignment = dict(zip(ids, labels, strict=True))
+        models: dict[int, State] = {}
+        for z in range(num_clusters):
+            members = [n for n in ids if new_assignment[n] == z]
+            mean = weighted_average(
+                [warm[n] for n in members], [self.nodes[n].num_train for n in members]
+            )
+            models[z] = self.cluster_model(mean, z) if self.dual_model else mean
+        self.models = models
+        self.aggregation.reset()  # new clusters: no aggregator state carries over
+        self.assignment = new_assignment
+        for n in trainers:  # invalid replies: nearest by another try, else the largest cluster
+            if n not in self.assignment:
+                self.assignment[n] = self._largest()
+        self.clustered = True
+        self.phase = "cluster"
+        logger.info(
+            "feddag: round %d clustered %d node(s) into %d cluster(s) at alpha=%.2f; sources %s",
+            server_round,
+            len(ids),
+            num_clusters,
+            self.sweep.alpha,
+            self.sources,
+        )
+        self.record_clustering(
+            server_round,
+            alpha=self.sweep.alpha,
+            newcomer_alpha=self.sweep.newcomer_alpha,
+            similarity=opts.similarity,
+            variant=self.variant,
+            fusion_weight_mean=float(np.mean(self.distances.w)),
+            graph_edges=[[int(p), int(q)] for p, qs in sorted(self.sources.items()) for q in qs],
+            bytes_descriptor_up=self.traffic[FEDDAG]["up"],
+        )
+
+    def cluster_model(self, warm_mean: State, cluster: int) -> State:
+        """Dual model: primary = warm-up encoder mean; secondary and head fresh (seeded)."""
+        info = next(iter(self.nodes.values()))
+        fresh = build_model(
+            self.cfg.model_name,
+            info.input_shape,
+            info.num_classes,
+            dual=True,
+            seed=derive_seed(self.cfg.seed, "feddag-cluster", cluster),
+        ).state_dict()
+        out: State = OrderedDict()
+        for k, v in fresh.items():
+            if k.startswith("primary."):
+                out[k] = warm_mean["encoder." + k[len("primary.") :]].clone()
+            else:
+                out[k] = v.detach().clone()
+        return out
+
+    def _largest(self) -> int:
+        sizes = defaultdict(int)
+        for z in self.assignment.values():
+            sizes[z] += 1
+        return max(sizes, key=lambda z: (sizes[z], -z)) if sizes else 0
+
+    # ------------------------------------------------------------------ cluster training
+    def secondary_due(self) -> bool:
+        """The K:1 schedule: every round when ``feddag-schedule-k`` is 0."""
+        k = self.opts.schedule_k
+        return k <= 0 or self.rounds_since_clustering % (k + 1) == 0
+
+    def train_round(self, server_round: int) -> None:  # noqa: D102
+        if self.in_warmup(server_round) or not self.clustered:
+            super().train_round(server_round)
+            if self.in_warmup(server_round):
+                self.phase = "warmup"
+            return
+        self.rounds_since_clustering += 1
+        sampled = self.select_nodes(server_round)
+        contents = {n: self.train_content(n, server_round) for n in sampled}
+        replies = self.collect_trained(contents, server_round)
+        if replies:
+            self.aggregate_primary(replies, server_round)
+        phase = "primary"
+        if self.dual_model and self.sources and self.secondary_due():
+            self.secondary_phase(server_round, sampled)
+            phase = "primary+secondary"
+        self.phase = phase if self.phase != "cluster" else f"cluster+{phase}"
+
+    def aggregate_primary(self, replies: list[Reply], server_round: int) -> None:
+        """FedAvg inside each cluster; for dual models only primary + head change."""
+        by_cluster: dict[int, list[Reply]] = defaultdict(list)
+        for r in replies:
+            by_cluster[r.cluster].append(r)
+        for z, rs in by_cluster.items():
+            avg = self.combine(z, [r.state for r in rs], [r.num_examples for r in rs], server_round)
+            if self.dual_model:  # the frozen secondary stays bit-identical
+                for k in avg:
+                    if k.startswith("secondary."):
+                        avg[k] = self.models[z][k]
+            self.models[z] = avg
+
+    def learners_of(self, source: int) -> list[int]:
+        """Clusters that learn from ``source``'s data."""
+        return sorted(p for p, qs in self.sources.items() if source in qs)
+
+    def secondary_phase(self, server_round: int, sampled: list[int]) -> None:
+        """Sources' nodes train the learners' averaged secondary encoder; deltas go to learners."""
+        snapshot = {
+            z: {k: v for k, v in s.items() if k.startswith("secondary.")}
+            for z, s in self.models.items()
+        }
+        sent: dict[int, State] = {}
+        contents = {}
+        for n in sampled:
+            q = self.assignment[n]
+            learners = self.learners_of(q)
+            if not learners:
+                continue
+            if q not in sent:
+                phi2 = weighted_average([snapshot[p] for p in learners], [1.0] * len(learners))
+                sent[q] = OrderedDict((k, phi2.get(k, v)) for k, v in self.models[q].items())
+            contents[n] = self.model_content(sent[q], server_round, **SECONDARY_PHASE)
+        if not contents:
+            return
+        replies = self.collect_trained(contents, server_round)
+        deltas: dict[int, list[tuple[State, int]]] = defaultdict(list)
+        for r in replies:
+            q = r.cluster
+            delta = OrderedDict(
+                (k, r.state[k].double() - sent[q][k].double())
+                for k in snapshot[q]
+                if r.state[k].is_floating_point()
+            )
+            deltas[q].append((delta, r.num_examples))
+        for q, items in deltas.items():
+            mean_delta = weighted_average([d for d, _ in items], [w for _, w in items])
+            for p in self.learners_of(q):
+                model = self.models[p]
+                for k, dv in mean_delta.items():
+                    model[k] = (model[k].double() + dv).to(model[k].dtype)
+
+    # ------------------------------------------------------------------ routing and metrics
+    def route(self, node_ids: list[int], server_round: int) -> dict[int, int | None]:
+        """Newcomers: warm up, send sketch + subspaces, one pass at the stored threshold."""
+        if not node_ids:
+            return {}
+        if not self.clustered:
+            return {n: None for n in node_ids}
+        rnd = server_round
+        states = {n: clone_state(self.init) for n in node_ids}
+        for w in range(1, self.warmup_rounds + 1):
+            conf = self.warmup_config(w)
+            contents = {n: self.model_content(states[n], rnd, **conf) for n in states}
+            received = self.send("train", contents, rnd)
+            for n in list(states):
+                try:
+                    sd, _ = (
+                        self.read_trained(Reply(n, received[n], None))
+                        if n in received
+                        else (None, 0)
+                    )
+                except (ReplyError, KeyError, ValueError, TypeError):
+                    sd = None
+                if sd is None:
+                    states.pop(n)
+                else:
+                    states[n] = sd
+        got = self.collect_feddag(list(states), rnd)
+        out: dict[int, int | None] = {n: self._largest() for n in node_ids}
+        if not got or self.population is None or self.distances is None or self.sweep is None:
+            return out
+        ids, subs, sketches = self.population
+        new = self.ordered(got)
+        rows, _ = newcomer_distances(
+            self.distances.scales,
+            new_subspaces=[got[n][0] for n in new],
+            new_sketches=np.stack([got[n][1] for n in new]),
+            subspaces=subs,
+            sketches=sketches,
+        )
+        labels = np.asarray([self.assignment[n] for n in ids])
+        for n, row in zip(new, rows, strict=True):
+            z = assign_newcomer(row, labels, self.sweep.newcomer_alpha)
+            if z not in self.models:  # would open a new cluster: nearest existing one instead
+                z = min(
+                    self.models,
+                    key=lambda c: (
+                        float(np.mean(row[labels == c])) if (labels == c).any() else math.inf
+                    ),
+                )
+            out[n] = int(z)
+        return out
+
+    def read_trained(self, reply: Reply) -> tuple[State, int]:  # noqa: D102
+        if reply.cluster is None:  # a newcomer's warm-up model: check against the init
+            state = from_record(get_array_record(reply.content, "arrays"))
+            check_state(self.init, state)
+            return state, int(get_metric(reply.content, "metrics", "num-examples"))
+        return super().read_trained(reply)
+
+    def counts_for_best(self, server_round: int) -> bool:
+        """Only cluster-model rounds: the warm-up evaluates each client's own local model."""
+        return self.clustered and not self.in_warmup(server_round)
+
+    def final_metrics(self) -> dict[str, Any]:  # noqa: D102
+        return {
+            "feddag_variant": self.variant,
+            "feddag_alpha": None if self.sweep is None else self.sweep.alpha,
+        }

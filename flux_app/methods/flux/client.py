@@ -1,0 +1,57 @@
+"""Client side of FLUX: the ``query.descriptor`` action.
+
+The server sends the frozen extractor (the global model of the clustering round) and a
+ConfigRecord ``config`` with:
+
+``label-free``  bool, only the marginal moments (routing of unlabeled clients)
+``split``       ``train`` (the clustering descriptor) or ``test`` (data met at test time)
+``proj-dim``    K, rows of the shared-seed projection (0 = number of classes)
+``proj-seed``   the seed every party uses for the projection
+``dp-clip``, ``dp-noise``, ``dp-mechanism``  optional privacy (see
+                :func:`flux_app.methods.flux.descriptors.privatize` for the sensitivity bound)
+
+and gets back ArrayRecord ``descriptor`` (the arrays of :class:`FluxDescriptor`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import RecordDict
+
+from flux_app.common.records import arrays_to_record
+from flux_app.common.training import batches
+from flux_app.engine.client import ClientRuntime, config_of
+from flux_app.engine.registry import register_query
+from flux_app.methods.flux.descriptors import compute_flux_descriptor, privatize, projection_matrix
+
+
+@register_query("descriptor")
+def handle_descriptor(content: RecordDict, rt: ClientRuntime) -> RecordDict:
+    """Compute this node's FLUX descriptor with the received extractor."""
+    config = config_of(content)
+    label_free = bool(config.get("label-free", False))
+    split = str(config.get("split", "train"))
+    if split not in ("train", "test"):
+        raise ValueError(f"descriptor split must be train or test, not {split!r}")
+    model = rt.model_from(content)
+    device = rt.device
+    model.to(device).eval()
+    d = rt.data
+    x, y = (d.x_train, d.y_train) if split == "train" else (d.x_test, d.y_test)
+    # K defaults to the number of classes, capped at the feature width (CIFAR-100 on LeNet-5).
+    k = int(config.get("proj-dim", 0)) or min(d.num_classes, model.feature_dim)
+    projection = projection_matrix(model.feature_dim, k, int(config.get("proj-seed", 0)))
+    clip = float(config.get("dp-clip", 0.0))
+    desc = compute_flux_descriptor(
+        lambda xb: model.features(xb.to(device)),
+        batches(x, y, 512),
+        projection,
+        d.num_classes,
+        label_free=label_free,
+        clip_norm=clip,
+    )
+    noise = float(config.get("dp-noise", 0.0))
+    if noise > 0:
+        rng = np.random.default_rng(rt.seed_for("dp", int(config.get("server-round", 0)), split))
+        desc = privatize(desc, clip, noise, str(config.get("dp-mechanism", "gaussian")), rng)
+    return RecordDict({"descriptor": arrays_to_record(desc.to_arrays())})

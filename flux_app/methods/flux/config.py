@@ -1,0 +1,52 @@
+"""FLUX's run-config section: every key starts with ``flux-`` (docs/CONFIG.md explains each)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from flux_app.engine.config import ConfigSection
+from flux_app.engine.registry import register_config
+
+
+@register_config
+@dataclass(frozen=True)
+class FluxConfig(ConfigSection):
+    """When FLUX clusters, how, and what its descriptors carry."""
+
+    prefix: ClassVar[str] = "flux-"
+    renamed: ClassVar[dict[str, str]] = {
+        "cluster-round": "flux-cluster-round",
+        "cluster-gain-threshold": "flux-cluster-gain-threshold",
+        "cluster-min-round": "flux-cluster-min-round",
+        "cluster-max-fraction": "flux-cluster-max-fraction",
+    }
+
+    cluster_round: int = 0
+    cluster_gain_threshold: float = 0.06
+    cluster_min_round: int = 3
+    cluster_max_fraction: float = 0.8
+    clusterer: str = "hdbscan"
+    proj_dim: int = 0
+    proj_seed: int = 1234
+    min_cluster_size: int = 2
+    noise_policy: str = "attach"
+    attach_tolerance: float = 2.0
+    iid_guard: bool = True
+    missing_penalty: float = 1.0
+    dp_clip: float = 0.0
+    dp_noise: float = 0.0
+    dp_mechanism: str = "gaussian"
+
+    def validate(self) -> None:  # noqa: D102
+        self.choice("clusterer", ("hdbscan", "knee-dbscan"))
+        self.choice("noise_policy", ("attach", "singleton"))
+        self.choice("dp_mechanism", ("gaussian", "laplace"))
+        self.check(self.cluster_round >= 0, "cluster_round", ">= 0 (0 = automatic)")
+        self.check(self.dp_clip >= 0, "dp_clip", ">= 0")
+        self.check(self.dp_noise >= 0, "dp_noise", ">= 0")
+        self.check(
+            not (self.dp_noise > 0 and self.dp_clip <= 0),
+            "dp_noise",
+            "0 unless flux-dp-clip > 0 (the noise scale is calibrated to the clip norm)",
+        )

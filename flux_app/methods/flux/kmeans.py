@@ -1,0 +1,31 @@
+"""kmeans-flux: a FLUX variant, the same descriptors clustered by k-means with a given K.
+
+Everything else (warm-up, the descriptor query and its validation, per-cluster training,
+label-free routing of held-out nodes, metrics, outputs) is inherited from :class:`Flux`. The
+benchmarks use it as FLUX told K; docs/EXTENDING.md shows a variant written as a plug-in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.cluster import KMeans
+
+from flux_app.engine.registry import register_strategy
+from flux_app.methods.flux.clustering import BlockNormaliser, FluxClustering, embed
+from flux_app.methods.flux.descriptors import FluxDescriptor
+from flux_app.methods.flux.strategy import Flux
+
+
+@register_strategy("kmeans-flux")
+class KMeansFlux(Flux):
+    """FLUX with k-means (K = run-config ``num-clusters``) in place of HDBSCAN."""
+
+    def fit_clusters(self, descriptors: list[FluxDescriptor]) -> FluxClustering:
+        normaliser = BlockNormaliser.fit(descriptors)
+        x = embed(descriptors, normaliser, self.opts.missing_penalty)
+        k = min(self.cfg.num_clusters, len(descriptors))
+        labels = KMeans(n_clusters=k, n_init=10, random_state=self.cfg.seed).fit_predict(x)
+        return FluxClustering.from_labels(
+            x, labels, normaliser, 2 * descriptors[0].dim,
+            missing_penalty=self.opts.missing_penalty, method="kmeans",
+        )

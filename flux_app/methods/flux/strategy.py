@@ -1,0 +1,229 @@
+"""FLUX (Fenoglio et al., NeurIPS 2025): descriptor-driven clustered FL, no K given.
+
+Schedule
+    Warm-up FedAvg on one global model. In the clustering round (``cluster-round`` when > 0,
+    otherwise the first round >= ``cluster-min-round`` whose validation-accuracy gain over the
+    previous round is below ``cluster-gain-threshold``, and at the latest the round
+    ``ceil(cluster-max-fraction * num-server-rounds)``), the global model just received is frozen
+    as the extractor E; every training node computes its descriptor with E BEFORE local training
+    (``query.descriptor``), the server clusters them (:func:`cluster_descriptors`: HDBSCAN by
+    default, knee-DBSCAN as an option, the no-structure guard, the noise policy), and from this
+    very round each cluster trains its own model, starting from the global model, so after the
+    round each cluster model is that round's within-cluster average.
+
+Descriptors that fail validation exclude their node from clustering with a logged reason; such
+a node is then routed like a newcomer (label-free descriptor), or put in the largest cluster if
+that fails too.
+
+Routing (test-time adaptation)
+    Held-out nodes and nodes that join after clustering compute the label-free descriptor (mu,
+    sigma) of their TEST inputs with E and go to the nearest centroid. ``accuracy_routed`` does the
+    same for the training nodes' test data (the paper's "test phase"); ``accuracy_known`` uses the
+    cluster assigned in training. A pure P(Y|X) shift is invisible without labels: routing cannot
+    separate label-swapped groups whose inputs look alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, RecordDict
+
+from flux_app.common.params import State, clone_state
+from flux_app.common.records import get_array_record, record_to_arrays, to_record
+from flux_app.engine.metrics import mean
+from flux_app.engine.registry import register_strategy
+from flux_app.engine.strategy import ClusteredStrategy
+from flux_app.methods.flux.clustering import FluxClustering, cluster_descriptors, route_many
+from flux_app.methods.flux.config import FluxConfig
+from flux_app.methods.flux.descriptors import FluxDescriptor
+
+logger = logging.getLogger("flwr")
+
+DESCRIPTOR = "query.descriptor"
+
+
+@register_strategy("flux")
+class Flux(ClusteredStrategy):
+    """FLUX on the strategy base: hooks ``before_round`` (trigger + clustering), ``route``
+    (label-free descriptors) and ``final_metrics`` (accuracy_routed)."""
+
+    descriptor_types = (DESCRIPTOR,)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.opts = self.cfg.section(FluxConfig)
+        self.extractor: State | None = None
+        self.result: FluxClustering | None = None
+        self.cluster_round: int | None = None
+        self.val_history: list[tuple[int, float]] = []
+
+    # ------------------------------------------------------------------ schedule
+    def should_cluster(self, server_round: int) -> bool:
+        """The trigger: explicit round, accuracy plateau, or the latest allowed round."""
+        cfg = self.opts
+        if cfg.cluster_round > 0:
+            return server_round == cfg.cluster_round
+        latest = max(1, math.ceil(cfg.cluster_max_fraction * self.cfg.num_server_rounds))
+        if server_round >= latest:
+            return True
+        if server_round < cfg.cluster_min_round or len(self.val_history) < 2:
+            return False
+        (r1, a1), (r2, a2) = self.val_history[-2:]
+        return r2 == server_round - 1 and r1 == r2 - 1 and (a2 - a1) < cfg.cluster_gain_threshold
+
+    def before_round(self, server_round: int) -> None:  # noqa: D102
+        if self.result is None and self.should_cluster(server_round):
+            self.cluster_now(server_round)
+
+    def after_round(self, server_round: int, row: dict[str, Any]) -> None:  # noqa: D102
+        if row.get("val_accuracy") is not None:
+            self.val_history.append((server_round, float(row["val_accuracy"])))
+
+    # ------------------------------------------------------------------ clustering
+    def descriptor_content(self, server_round: int, *, label_free: bool, split: str) -> RecordDict:
+        """The ``query.descriptor`` payload: extractor + settings."""
+        cfg = self.opts
+        conf = {
+            "server-round": server_round,
+            "label-free": label_free,
+            "split": split,
+            "proj-dim": cfg.proj_dim,
+            "proj-seed": cfg.proj_seed,
+            "dp-clip": cfg.dp_clip,
+            "dp-noise": cfg.dp_noise,
+            "dp-mechanism": cfg.dp_mechanism,
+        }
+        return RecordDict({"arrays": to_record(self.extractor), "config": ConfigRecord(conf)})
+
+    def collect_descriptors(
+        self, node_ids: list[int], server_round: int, *, label_free: bool, split: str
+    ) -> dict[int, FluxDescriptor]:
+        """Ask nodes for descriptors; keep the valid ones, log a reason for the others."""
+        contents = {
+            n: self.descriptor_content(server_round, label_free=label_free, split=split)
+            for n in node_ids
+        }
+        info = self.nodes[node_ids[0]] if node_ids else None
+        dim = self.opts.proj_dim or (min(info.num_classes, self.feature_dim()) if info else 0)
+
+        def parse(node_id: int, content: RecordDict) -> FluxDescriptor:
+            arrays = record_to_arrays(get_array_record(content, "descriptor"))
+            return FluxDescriptor.from_arrays(
+                arrays, self.nodes[node_id].num_classes, dim, label_free
+            )
+
+        return self.collect(DESCRIPTOR, contents, server_round, parse, what="descriptor")
+
+    def feature_dim(self) -> int:
+        """Width of the extractor's features (the head's input)."""
+        return int(self.extractor["head.weight"].shape[1]) if self.extractor is not None else 0
+
+    def cluster_now(self, server_round: int) -> None:
+        """The clustering round: descriptors with the frozen global model, clusters, models."""
+        cfg = self.opts
+        self.extractor = clone_state(self.models[0])
+        trainers = self.training_nodes()
+        descs = self.collect_descriptors(trainers, server_round, label_free=False, split="train")
+        if not descs:
+            logger.warning("no valid descriptor: staying with one global model")
+            return
+        ids = self.ordered(descs)
+        self.result = self.fit_clusters([descs[n] for n in ids])
+        self.cluster_round = server_round
+        global_model = self.models[0]
+        self.models = {z: clone_state(global_model) for z in range(self.result.num_clusters)}
+        self.aggregation.reset()  # new clusters: no aggregator state carries over
+        self.assignment = {n: int(z) for n, z in zip(ids, self.result.labels, strict=True)}
+        leftovers = [n for n in trainers if n not in self.assignment]
+        if leftovers:  # invalid full descriptor: try the label-free route, else the largest cluster
+            for n, z in self.route(leftovers, server_round).items():
+                self.assignment[n] = z if z is not None else self.largest_cluster()
+        self.phase = "cluster"
+        for note in self.result.notes:
+            logger.info("flux clustering: %s", note)
+        logger.info(
+            "flux: round %d clustered %d node(s) into %d cluster(s), sizes %s",
+            server_round,
+            len(ids),
+            self.result.num_clusters,
+            sorted(Counter(self.assignment.values()).values(), reverse=True),
+        )
+        self.record_clustering(
+            server_round,
+            method=cfg.clusterer,
+            notes=list(self.result.notes),
+            scales=self.result.normaliser.scales,
+            bytes_descriptor_up=self.traffic[DESCRIPTOR]["up"],
+        )
+
+    def fit_clusters(self, descriptors: list[FluxDescriptor]) -> FluxClustering:
+        """Hook: turn the training nodes' descriptors into clusters (FLUX: no K given).
+
+        A subclass may cluster differently; routing only needs the returned
+        :class:`FluxClustering` (labels, normaliser, label-free centroids).
+        """
+        cfg = self.opts
+        return cluster_descriptors(
+            descriptors,
+            method=cfg.clusterer,
+            min_cluster_size=cfg.min_cluster_size,
+            noise_policy=cfg.noise_policy,
+            attach_tolerance=cfg.attach_tolerance,
+            iid_guard=cfg.iid_guard,
+            missing_penalty=cfg.missing_penalty,
+            seed=self.cfg.seed,
+        )
+
+    # ------------------------------------------------------------------ routing
+    def route(self, node_ids: list[int], server_round: int) -> dict[int, int | None]:
+        """Nearest centroid by the label-free descriptor of each node's test inputs."""
+        if not node_ids:
+            return {}
+        if self.result is None or self.extractor is None:
+            return {n: 0 for n in node_ids}  # before clustering there is one global model
+        descs = self.collect_descriptors(node_ids, server_round, label_free=True, split="test")
+        out: dict[int, int | None] = {n: None for n in node_ids}
+        ids = self.ordered(descs)
+        if ids:
+            clusters, _ = route_many([descs[n] for n in ids], self.result)
+            out.update({n: int(z) for n, z in zip(ids, clusters, strict=True)})
+        return out
+
+    def final_metrics(self) -> dict[str, Any]:
+        """accuracy_routed: the training nodes' test data routed label-free (test phase)."""
+        if self.result is None:
+            return {"accuracy_routed": self.results_known(), "cluster_round": None}
+        trainers = [n for n in self.training_nodes() if n in self.last_eval]
+        end = self.cfg.num_server_rounds + 1
+        routed = self.route(trainers, end)
+        agree = [routed[n] == self.assignment.get(n) for n in trainers]
+        # Reuse the final evaluation where the route agrees; evaluate only where it differs.
+        to_eval = {
+            n: self.models[z]
+            for n, z in routed.items()
+            if z is not None and z != self.assignment.get(n)
+        }
+        extra = self.evaluate_nodes(to_eval, end)
+        accs = []
+        for n in trainers:
+            z = routed[n]
+            if z is None:
+                continue
+            if z == self.assignment.get(n):
+                accs.append(self.last_eval[n]["accuracy"])
+            elif n in extra:
+                accs.append(extra[n]["accuracy"])
+        return {
+            "accuracy_routed": mean(accs),
+            "routing_agreement": float(np.mean(agree)) if agree else None,
+            "cluster_round": self.cluster_round,
+        }
+
+    def results_known(self) -> float | None:
+        """accuracy_known of the final evaluation (the same model when nothing was clustered)."""
+        return mean(m["accuracy"] for m in self.last_eval.values())

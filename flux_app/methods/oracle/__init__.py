@@ -1,0 +1,5 @@
+"""oracle: see README.md beside this file."""
+
+from flux_app.methods.oracle.strategy import Oracle
+
+__all__ = ["Oracle"]
