@@ -19,7 +19,7 @@ class PluginClientApp(ClientApp):
         load_plugins(str(context.run_config.get("plugins", "")))
         for action, handler in QUERIES.items():
             if f"query.{action}" not in self._registered_funcs:
-                _register(action, handler)
+                _register(self, action, handler)
         return super().__call__(message, context)
 
 
@@ -43,14 +43,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _run(handle_evaluate, msg, context)
 
 
-def _register(action: str, handler: Handler) -> None:
+def _register(client_app: ClientApp, action: str, handler: Handler) -> None:
     def query(msg: Message, context: Context) -> Message:
         return _run(handler, msg, context)
 
     query.__name__ = f"query_{action}"
-    app.query(action)(query)
+    client_app.query(action)(query)
 
 
 load_plugins()  # the built-in methods' queries, registered at import like any ClientApp's
 for _action, _handler in QUERIES.items():
-    _register(_action, _handler)
+    _register(app, _action, _handler)

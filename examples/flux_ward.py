@@ -23,4 +23,6 @@ class FluxWard(Flux):
         x = embed(descriptors, normaliser, self.opts.missing_penalty)
         k = min(self.cfg.num_clusters, len(descriptors))
         labels = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(x)
-        return FluxClustering.from_labels(x, labels, normaliser, 2 * descriptors[0].dim, method="ward")
+        return FluxClustering.from_labels(
+            x, labels, normaliser, 2 * descriptors[0].dim, method="ward"
+        )

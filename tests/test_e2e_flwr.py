@@ -171,3 +171,27 @@ def test_bad_run_config_ends_as_failed(flwr_home, tmp_path):
     assert status.startswith("finished"), f"run {run_id} did not end: {status!r}"
     assert results == ""
     assert not (tmp_path / "out" / "e2e-bad" / "results.json").exists()
+
+
+def test_plugin_method_runs_through_flwr_run(flwr_home, tmp_path):
+    """A method outside the package (examples/hist_kmeans.py): its strategy, its own setting
+    (through plugin-config) and its own client action, served by the Ray actors' ClientApps."""
+    extra = {
+        "plugins": "examples.hist_kmeans",
+        "strategy": "hist-kmeans",
+        "plugin-config": "hist-kmeans-k-max=3",
+        "shift": "label-skew",
+        "rho": 0.5,
+        "alpha": 100.0,
+        "run-name": "e2e-plugin",
+    }
+    run_id, status, results = sim.simulate(
+        _overrides(tmp_path, **extra), nodes=6, flwr_home=flwr_home, timeout=600, quiet=True
+    )
+    assert status == "finished:completed", f"run {run_id} ended as {status!r}"
+    data = json.loads((tmp_path / "out" / "e2e-plugin" / "results.json").read_text())
+    assert data["clustering"]["k_max"] == 3  # the plug-in's own key reached its section
+    assert data["final"]["num_clusters"] == 2 and data["final"]["ari"] == pytest.approx(1.0)
+    assert data["final"]["routing_accuracy"] == 1.0  # query.label_histogram on a held-out node
+    run_config = json.loads((tmp_path / "out" / "e2e-plugin" / "run_config.json").read_text())
+    assert run_config["hist-kmeans-k-max"] == 3

@@ -37,7 +37,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.exception import AggregationError
 
-from flux_app.common.params import State, clone_state, weighted_average
+from flux_app.common.params import State, weighted_average
 from flux_app.common.records import from_record, to_record
 from flux_app.engine.config import ConfigSection
 from flux_app.engine.registry import AGGREGATORS, register_aggregator, register_config
@@ -140,8 +140,15 @@ class FlowerAggregator:
             arrays = self._flower_aggregate(
                 flwr_strategy.FedMedian(), server_round, states, weights
             )
-        if arrays is None:
-            return clone_state(reference)
+        if arrays is None:  # Flower skipped (e.g. Bulyan with too few replies): still robust
+            logger.warning(
+                "cluster-aggregator %s skipped %d update(s); using their coordinate-wise median",
+                self.cfg.cluster_aggregator,
+                len(states),
+            )
+            arrays = self._flower_aggregate(
+                flwr_strategy.FedMedian(), server_round, states, weights
+            )
         return _like(reference, from_record(arrays), states)
 
     @staticmethod

@@ -45,4 +45,24 @@ def routing_accuracy(
     return float(np.mean(hits)) if hits else None
 
 
-__all__ = ["assignment_scores", "mean", "routing_accuracy"]
+def clustering_record(
+    nodes: Mapping[int, NodeInfo],
+    assignment: Mapping[int, int],
+    server_round: int,
+    ari: float | None,
+    nmi: float | None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """results.json's ``clustering`` section: the assignment by partition id, ARI/NMI, extras."""
+    by_pid = sorted(assignment.items(), key=lambda kv: nodes[kv[0]].partition_id)
+    return {
+        "round": server_round,
+        "num_clusters": len(set(assignment.values())),
+        "ari": ari,
+        "nmi": nmi,
+        "assignment": {str(nodes[n].partition_id): c for n, c in by_pid},
+        **extra,
+    }
+
+
+__all__ = ["assignment_scores", "clustering_record", "mean", "routing_accuracy"]

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 from flwr.app import RecordDict
 
 from flux_app.engine.transport import Transport
@@ -59,6 +60,15 @@ def parse_info(node_id: int, content: RecordDict) -> NodeInfo:
     if len(shape) != 3 or node.num_classes < 2 or node.num_partitions < 1:
         raise ValueError("implausible shape/classes/partitions")
     return node
+
+
+def sample_nodes(pool: list[int], fraction: float, seed: int) -> list[int]:
+    """Seeded sample of ``fraction`` of ``pool`` (at least one), in ``pool``'s order."""
+    if fraction >= 1.0 or not pool:
+        return list(pool)
+    k = max(1, round(fraction * len(pool)))
+    picked = set(np.random.default_rng(seed).choice(len(pool), size=k, replace=False).tolist())
+    return [n for i, n in enumerate(pool) if i in picked]
 
 
 class NodeBook:
@@ -134,4 +144,4 @@ class NodeBook:
             time.sleep(1.0)
 
 
-__all__ = ["INFO", "NodeBook", "NodeInfo", "parse_info"]
+__all__ = ["INFO", "NodeBook", "NodeInfo", "parse_info", "sample_nodes"]

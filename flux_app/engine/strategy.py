@@ -29,7 +29,7 @@ A method is a registered subclass that overrides hooks. The hooks are the whole 
 
 Helpers for methods: ``send``, ``collect`` (send + validate + record exclusions),
 ``evaluate_nodes``, ``sample``, ``model_content``, ``initial_model``, ``seeded_model``,
-``combine``, ``training_nodes``, ``holdout_nodes``, ``ordered``, ``cluster_sizes``,
+``combine``, ``training_nodes``, ``holdout_nodes``, ``ordered``,
 ``largest_cluster``, ``record_clustering``. docs/EXTENDING.md shows a method in about 30 lines.
 """
 
@@ -42,7 +42,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
@@ -61,7 +60,7 @@ from flux_app.engine import metrics
 from flux_app.engine.aggregation import ClusterAggregation
 from flux_app.engine.config import RunConfig
 from flux_app.engine.loop import discover, run_rounds
-from flux_app.engine.nodes import NodeBook, NodeInfo
+from flux_app.engine.nodes import NodeBook, NodeInfo, sample_nodes
 from flux_app.engine.results import RunRecorder
 from flux_app.engine.traffic import Traffic
 from flux_app.engine.transport import Transport
@@ -252,16 +251,10 @@ class ClusteredStrategy:
     def collect_trained(self, contents: Mapping[int, RecordDict], server_round: int) -> list[Reply]:
         """Send ``train`` messages; the valid replies (``read_trained``), losses noted."""
 
-        def parse(node_id: int, content: RecordDict) -> Reply:
-            reply = Reply(node_id, content, self.assignment.get(node_id))
-            reply.state, reply.num_examples = self.read_trained(reply)
-            return reply
-
-        replies = list(
-            self._transport()
-            .collect("train", contents, server_round, parse, what="train reply")
-            .values()
+        got = self.collect(
+            "train", contents, server_round, self._trained, what="train reply", exclude=False
         )
+        replies = list(got.values())
         for reply in replies:
             loss = reply.content.metric_records.get("metrics", {}).get("train-loss")
             if loss is not None:
@@ -273,28 +266,24 @@ class ClusteredStrategy:
     ) -> dict[int, dict[str, float]]:
         """Evaluate each node on its own data with the model given for it."""
 
-        def parse(node_id: int, content: RecordDict) -> dict[str, float]:
-            out = dict(content.metric_records["metrics"])
-            float(out["accuracy"])
-            return out
-
         contents = {n: self.model_content(s, server_round) for n, s in states.items()}
         return self.collect(
-            "evaluate", contents, server_round, parse, what="evaluate reply", exclude=False
+            "evaluate", contents, server_round, _eval_metrics, what="evaluate reply", exclude=False
         )
+
+    def _trained(self, node_id: int, content: RecordDict) -> Reply:
+        reply = Reply(node_id, content, self.assignment.get(node_id))
+        reply.state, reply.num_examples = self.read_trained(reply)
+        return reply
 
     def sample(
         self, pool: list[int], server_round: int, fraction: float | None = None
     ) -> list[int]:
         """Seeded sample of ``fraction`` (default ``fraction-train``) of ``pool``, at least one."""
         fraction = self.cfg.fraction_train if fraction is None else fraction
-        pool = self.ordered(pool)
-        if fraction >= 1.0 or not pool:
-            return pool
-        k = max(1, round(fraction * len(pool)))
-        rng = np.random.default_rng(derive_seed(self.cfg.seed, "sample", server_round))
-        picked = set(rng.choice(len(pool), size=k, replace=False).tolist())
-        return [n for i, n in enumerate(pool) if i in picked]
+        return sample_nodes(
+            self.ordered(pool), fraction, derive_seed(self.cfg.seed, "sample", server_round)
+        )
 
     def ordered(self, node_ids: Iterable[int]) -> list[int]:
         """Nodes by partition id (stable order for sampling and averaging)."""
@@ -308,10 +297,6 @@ class ClusteredStrategy:
         """Held-out nodes (never train) ordered by partition id."""
         return self.book.holdout()
 
-    def cluster_sizes(self) -> dict[int, int]:
-        """Training nodes per cluster."""
-        return dict(Counter(self.assignment.values()))
-
     def largest_cluster(self) -> int:
         """The cluster with the most training nodes (ties: the first assigned)."""
         return Counter(self.assignment.values()).most_common(1)[0][0] if self.assignment else 0
@@ -319,15 +304,9 @@ class ClusteredStrategy:
     def record_clustering(self, server_round: int, **extra: Any) -> None:
         """Store the current assignment (by partition id) with ARI/NMI in results.json."""
         ari, nmi = self.assignment_scores()
-        by_pid = sorted(self.assignment.items(), key=lambda kv: self.nodes[kv[0]].partition_id)
-        self.clustering = {
-            "round": server_round,
-            "num_clusters": len(set(self.assignment.values())),
-            "ari": ari,
-            "nmi": nmi,
-            "assignment": {str(self.nodes[n].partition_id): c for n, c in by_pid},
-            **extra,
-        }
+        self.clustering = metrics.clustering_record(
+            self.nodes, self.assignment, server_round, ari, nmi, **extra
+        )
         self.results["clustering"] = self.clustering
         if self.recorder is not None:
             self.recorder.set("clustering", self.clustering)
@@ -353,6 +332,13 @@ class ClusteredStrategy:
         if self.transport is None:
             raise RuntimeError("strategy has no grid; call start(grid)")
         return self.transport
+
+
+def _eval_metrics(node_id: int, content: RecordDict) -> dict[str, float]:
+    """An evaluate reply's metrics (it must carry a numeric ``accuracy``)."""
+    out = dict(content.metric_records["metrics"])
+    float(out["accuracy"])
+    return out
 
 
 __all__ = ["ClusteredStrategy", "NodeInfo", "Reply"]

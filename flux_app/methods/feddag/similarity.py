@@ -30,12 +30,14 @@ output; we optimise ``w`` directly (projected Adam steps, or an exact per-row gr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from flux_app.common.agglomerative import assign_newcomer
 from flux_app.common.subspaces import ClassSubspaces, cross_class_angles, pairwise_class_angles
 from flux_app.methods.feddag.sketch import angle_distance_matrix
 
@@ -460,3 +462,21 @@ def newcomer_distances(
         return v_rows, np.zeros(v_rows.shape[0])
     w = fusion_weights(g_rows, v_rows, mask_diagonal=False, **fusion_kwargs)
     return w[:, None] * g_rows + (1 - w[:, None]) * v_rows, w
+
+
+def place_newcomers(
+    rows: np.ndarray, labels: np.ndarray, newcomer_alpha: float, clusters: Sequence[int]
+) -> list[int]:
+    """Cluster of each newcomer from its distance ``row`` to the clustered nodes: one
+    average-linkage pass at the stored threshold; a newcomer that would open a new cluster (it
+    would have no trained model) goes to the existing cluster nearest on average."""
+    out = []
+    for row in rows:
+        z = assign_newcomer(row, labels, newcomer_alpha)
+        if z not in clusters:
+            z = min(
+                clusters,
+                key=lambda c: float(np.mean(row[labels == c])) if (labels == c).any() else math.inf,
+            )
+        out.append(int(z))
+    return out

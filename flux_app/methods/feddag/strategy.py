@@ -39,15 +39,13 @@ labelled.
 from __future__ import annotations
 
 import logging
-import math
-from collections import OrderedDict, defaultdict
+from collections import Counter
 from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
-from flux_app.common.agglomerative import SweepResult, alpha_sweep, assign_newcomer
-from flux_app.common.models import build_model
+from flux_app.common.agglomerative import SweepResult
 from flux_app.common.params import State, clone_state, weighted_average
 from flux_app.common.records import (
     ReplyError,
@@ -58,27 +56,55 @@ from flux_app.common.records import (
     record_to_arrays,
 )
 from flux_app.common.seeding import derive_seed
-from flux_app.common.subspaces import ClassSubspaces, pairwise_class_angles
+from flux_app.common.subspaces import ClassSubspaces
 from flux_app.engine.registry import register_strategy
 from flux_app.engine.strategy import ClusteredStrategy, Reply
 from flux_app.methods.feddag.client import SKETCH_HOOK
-from flux_app.methods.feddag.complementarity import ComplementarityGraph, complementarity_graph
+from flux_app.methods.feddag.complementarity import ComplementarityGraph
 from flux_app.methods.feddag.config import FeddagConfig
-from flux_app.methods.feddag.similarity import FeddagDistances, feddag_distances, newcomer_distances
+from flux_app.methods.feddag.dual import (
+    dual_cluster_model,
+)
+from flux_app.methods.feddag.fit import fit_feddag
+from flux_app.methods.feddag.phases import PRIMARY_PHASE, DualPhases
+from flux_app.methods.feddag.similarity import (
+    FeddagDistances,
+    newcomer_distances,
+    place_newcomers,
+)
 from flux_app.methods.feddag.sketch import sketch_indices
 
 logger = logging.getLogger("flwr")
 
 MAX_SKETCH_VALUE = 1e6
 FEDDAG = "query.feddag"
-#: train config of the two cluster-training phases of the dual model (generic train options:
-#: which sub-modules learn, and a tag that keeps the phases' batch orders apart)
-PRIMARY_PHASE = {"trainable": "primary.,head.", "seed-tag": "primary"}
-SECONDARY_PHASE = {"trainable": "secondary.", "seed-tag": "secondary"}
+
+
+def read_feddag_reply(
+    content: RecordDict, sketch_len: int, dim: int, num_classes: int, p: int
+) -> tuple[ClassSubspaces, np.ndarray]:
+    """A node's ``query.feddag`` reply, checked: (class subspaces, float64 sketch)."""
+    sk = record_to_arrays(get_array_record(content, "sketch"))
+    if set(sk) != {"sketch"}:
+        raise ReplyError(f"sketch record keys {sorted(sk)}")
+    vec = np.asarray(sk["sketch"])
+    if vec.shape != (sketch_len,) or vec.dtype.kind != "f":
+        raise ReplyError(
+            f"sketch shape/dtype {vec.shape}/{vec.dtype}, expected ({sketch_len},) float"
+        )
+    if not np.isfinite(vec).all() or np.abs(vec).max(initial=0) > MAX_SKETCH_VALUE:
+        raise ReplyError("sketch has non-finite or absurd values")
+    subs = ClassSubspaces.from_arrays(
+        record_to_arrays(get_array_record(content, "subspaces")),
+        dim=dim,
+        num_classes=num_classes,
+        p=p,
+    )
+    return subs, vec.astype(np.float64)
 
 
 @register_strategy("feddag")
-class FedDag(ClusteredStrategy):
+class FedDag(DualPhases, ClusteredStrategy):
     """FedDAG on the strategy base (see the module docstring)."""
 
     descriptor_types = (FEDDAG,)
@@ -169,23 +195,9 @@ class FedDag(ClusteredStrategy):
 
         def parse(n: int, content: RecordDict) -> tuple[ClassSubspaces, np.ndarray]:
             info = self.nodes[n]
-            sk = record_to_arrays(get_array_record(content, "sketch"))
-            if set(sk) != {"sketch"}:
-                raise ReplyError(f"sketch record keys {sorted(sk)}")
-            vec = np.asarray(sk["sketch"])
-            if vec.shape != (m,) or vec.dtype.kind != "f":
-                raise ReplyError(
-                    f"sketch shape/dtype {vec.shape}/{vec.dtype}, expected ({m},) float"
-                )
-            if not np.isfinite(vec).all() or np.abs(vec).max(initial=0) > MAX_SKETCH_VALUE:
-                raise ReplyError("sketch has non-finite or absurd values")
-            subs = ClassSubspaces.from_arrays(
-                record_to_arrays(get_array_record(content, "subspaces")),
-                dim=int(np.prod(info.input_shape)),
-                num_classes=info.num_classes,
-                p=p,
+            return read_feddag_reply(
+                content, m, int(np.prod(info.input_shape)), info.num_classes, p
             )
-            return subs, vec.astype(np.float64)
 
         return self.collect(
             FEDDAG, {n: payload for n in node_ids}, server_round, parse, what="feddag descriptor"
@@ -193,7 +205,6 @@ class FedDag(ClusteredStrategy):
 
     def cluster_now(self, server_round: int) -> None:
         """One-shot clustering after warm-up; builds the cluster models and the graph."""
-        opts = self.opts
         trainers = self.ordered(self.assignment)
         warm = {n: self.models[self.assignment[n]] for n in trainers}
         got = self.collect_feddag(trainers, server_round)
@@ -201,23 +212,17 @@ class FedDag(ClusteredStrategy):
         if not ids:
             raise RuntimeError("feddag: no node sent a valid sketch/subspaces; cannot cluster")
         subs = [got[n][0] for n in ids]
-        sketches = np.stack([got[n][1] for n in ids])
-        angles = pairwise_class_angles(subs)
-        self.distances = feddag_distances(
-            subs, sketches, opts.similarity, opts.delta, class_angles=angles
+        fit = fit_feddag(ids, subs, np.stack([got[n][1] for n in ids]), self.opts)
+        self.distances, self.sweep, self.graph, self.sources = (
+            fit.distances,
+            fit.sweep,
+            fit.graph,
+            fit.sources,
         )
-        self.sweep = alpha_sweep(self.distances.a, step=opts.alpha_step, lam=opts.lambda_)
-        labels = [int(z) for z in self.sweep.labels]
-        self.population = (ids, subs, sketches)
-        num_clusters = max(labels) + 1
-        counts = np.stack([s.counts for s in subs])
-        if self.variant == "dual":
-            self.graph = complementarity_graph(np.asarray(labels), counts, angles, top_k=opts.top_k)
-            self.sources = {int(k): [int(q) for q in v] for k, v in self.graph.sources.items()}
-        elif self.variant == "dagger":
-            self.sources = {z: [z] for z in range(num_clusters)}
+        self.population = (ids, subs, fit.sketches)
+        num_clusters = fit.num_clusters
         # Cluster models from the members' warm-up models.
-        new_assignment = dict(zip(ids, labels, strict=True))
+        new_assignment = dict(zip(ids, fit.labels, strict=True))
         models: dict[int, State] = {}
         for z in range(num_clusters):
             members = [n for n in ids if new_assignment[n] == z]
@@ -228,7 +233,7 @@ class FedDag(ClusteredStrategy):
         self.models = models
         self.aggregation.reset()  # new clusters: no aggregator state carries over
         self.assignment = new_assignment
-        for n in trainers:  # invalid replies: nearest by another try, else the largest cluster
+        for n in trainers:  # no valid reply: the largest cluster
             if n not in self.assignment:
                 self.assignment[n] = self._largest()
         self.clustered = True
@@ -245,7 +250,7 @@ class FedDag(ClusteredStrategy):
             server_round,
             alpha=self.sweep.alpha,
             newcomer_alpha=self.sweep.newcomer_alpha,
-            similarity=opts.similarity,
+            similarity=self.opts.similarity,
             variant=self.variant,
             fusion_weight_mean=float(np.mean(self.distances.w)),
             graph_edges=[[int(p), int(q)] for p, qs in sorted(self.sources.items()) for q in qs],
@@ -254,34 +259,15 @@ class FedDag(ClusteredStrategy):
 
     def cluster_model(self, warm_mean: State, cluster: int) -> State:
         """Dual model: primary = warm-up encoder mean; secondary and head fresh (seeded)."""
-        info = next(iter(self.nodes.values()))
-        fresh = build_model(
-            self.cfg.model_name,
-            info.input_shape,
-            info.num_classes,
-            dual=True,
-            seed=derive_seed(self.cfg.seed, "feddag-cluster", cluster),
-        ).state_dict()
-        out: State = OrderedDict()
-        for k, v in fresh.items():
-            if k.startswith("primary."):
-                out[k] = warm_mean["encoder." + k[len("primary.") :]].clone()
-            else:
-                out[k] = v.detach().clone()
-        return out
+        fresh = self._built(derive_seed(self.cfg.seed, "feddag-cluster", cluster), dual=True)
+        return dual_cluster_model(warm_mean, fresh)
 
     def _largest(self) -> int:
-        sizes = defaultdict(int)
-        for z in self.assignment.values():
-            sizes[z] += 1
+        """The cluster with the most nodes (ties: the lowest id)."""
+        sizes = Counter(self.assignment.values())
         return max(sizes, key=lambda z: (sizes[z], -z)) if sizes else 0
 
     # ------------------------------------------------------------------ cluster training
-    def secondary_due(self) -> bool:
-        """The K:1 schedule: every round when ``feddag-schedule-k`` is 0."""
-        k = self.opts.schedule_k
-        return k <= 0 or self.rounds_since_clustering % (k + 1) == 0
-
     def train_round(self, server_round: int) -> None:  # noqa: D102
         if self.in_warmup(server_round) or not self.clustered:
             super().train_round(server_round)
@@ -300,59 +286,6 @@ class FedDag(ClusteredStrategy):
             phase = "primary+secondary"
         self.phase = phase if self.phase != "cluster" else f"cluster+{phase}"
 
-    def aggregate_primary(self, replies: list[Reply], server_round: int) -> None:
-        """FedAvg inside each cluster; for dual models only primary + head change."""
-        by_cluster: dict[int, list[Reply]] = defaultdict(list)
-        for r in replies:
-            by_cluster[r.cluster].append(r)
-        for z, rs in by_cluster.items():
-            avg = self.combine(z, [r.state for r in rs], [r.num_examples for r in rs], server_round)
-            if self.dual_model:  # the frozen secondary stays bit-identical
-                for k in avg:
-                    if k.startswith("secondary."):
-                        avg[k] = self.models[z][k]
-            self.models[z] = avg
-
-    def learners_of(self, source: int) -> list[int]:
-        """Clusters that learn from ``source``'s data."""
-        return sorted(p for p, qs in self.sources.items() if source in qs)
-
-    def secondary_phase(self, server_round: int, sampled: list[int]) -> None:
-        """Sources' nodes train the learners' averaged secondary encoder; deltas go to learners."""
-        snapshot = {
-            z: {k: v for k, v in s.items() if k.startswith("secondary.")}
-            for z, s in self.models.items()
-        }
-        sent: dict[int, State] = {}
-        contents = {}
-        for n in sampled:
-            q = self.assignment[n]
-            learners = self.learners_of(q)
-            if not learners:
-                continue
-            if q not in sent:
-                phi2 = weighted_average([snapshot[p] for p in learners], [1.0] * len(learners))
-                sent[q] = OrderedDict((k, phi2.get(k, v)) for k, v in self.models[q].items())
-            contents[n] = self.model_content(sent[q], server_round, **SECONDARY_PHASE)
-        if not contents:
-            return
-        replies = self.collect_trained(contents, server_round)
-        deltas: dict[int, list[tuple[State, int]]] = defaultdict(list)
-        for r in replies:
-            q = r.cluster
-            delta = OrderedDict(
-                (k, r.state[k].double() - sent[q][k].double())
-                for k in snapshot[q]
-                if r.state[k].is_floating_point()
-            )
-            deltas[q].append((delta, r.num_examples))
-        for q, items in deltas.items():
-            mean_delta = weighted_average([d for d, _ in items], [w for _, w in items])
-            for p in self.learners_of(q):
-                model = self.models[p]
-                for k, dv in mean_delta.items():
-                    model[k] = (model[k].double() + dv).to(model[k].dtype)
-
     # ------------------------------------------------------------------ routing and metrics
     def route(self, node_ids: list[int], server_round: int) -> dict[int, int | None]:
         """Newcomers: warm up, send sketch + subspaces, one pass at the stored threshold."""
@@ -362,23 +295,12 @@ class FedDag(ClusteredStrategy):
             return {n: None for n in node_ids}
         rnd = server_round
         states = {n: clone_state(self.init) for n in node_ids}
-        for w in range(1, self.warmup_rounds + 1):
+        for w in range(1, self.warmup_rounds + 1):  # the same warm-up as the others had
             conf = self.warmup_config(w)
             contents = {n: self.model_content(states[n], rnd, **conf) for n in states}
-            received = self.send("train", contents, rnd)
-            for n in list(states):
-                try:
-                    sd, _ = (
-                        self.read_trained(Reply(n, received[n], None))
-                        if n in received
-                        else (None, 0)
-                    )
-                except (ReplyError, KeyError, ValueError, TypeError):
-                    sd = None
-                if sd is None:
-                    states.pop(n)
-                else:
-                    states[n] = sd
+            states = self.collect(
+                "train", contents, rnd, self._warmed_up, what="newcomer warm-up", exclude=False
+            )
         got = self.collect_feddag(list(states), rnd)
         out: dict[int, int | None] = {n: self._largest() for n in node_ids}
         if not got or self.population is None or self.distances is None or self.sweep is None:
@@ -393,17 +315,12 @@ class FedDag(ClusteredStrategy):
             sketches=sketches,
         )
         labels = np.asarray([self.assignment[n] for n in ids])
-        for n, row in zip(new, rows, strict=True):
-            z = assign_newcomer(row, labels, self.sweep.newcomer_alpha)
-            if z not in self.models:  # would open a new cluster: nearest existing one instead
-                z = min(
-                    self.models,
-                    key=lambda c: (
-                        float(np.mean(row[labels == c])) if (labels == c).any() else math.inf
-                    ),
-                )
-            out[n] = int(z)
+        placed = place_newcomers(rows, labels, self.sweep.newcomer_alpha, list(self.models))
+        out.update(zip(new, placed, strict=True))
         return out
+
+    def _warmed_up(self, node_id: int, content: RecordDict) -> State:
+        return self.read_trained(Reply(node_id, content, None))[0]
 
     def read_trained(self, reply: Reply) -> tuple[State, int]:  # noqa: D102
         if reply.cluster is None:  # a newcomer's warm-up model: check against the init

@@ -7,7 +7,6 @@ benchmarks use it as FLUX told K; docs/EXTENDING.md shows a variant written as a
 
 from __future__ import annotations
 
-import numpy as np
 from sklearn.cluster import KMeans
 
 from flux_app.engine.registry import register_strategy
@@ -26,6 +25,10 @@ class KMeansFlux(Flux):
         k = min(self.cfg.num_clusters, len(descriptors))
         labels = KMeans(n_clusters=k, n_init=10, random_state=self.cfg.seed).fit_predict(x)
         return FluxClustering.from_labels(
-            x, labels, normaliser, 2 * descriptors[0].dim,
-            missing_penalty=self.opts.missing_penalty, method="kmeans",
+            x,
+            labels,
+            normaliser,
+            2 * descriptors[0].dim,
+            missing_penalty=self.opts.missing_penalty,
+            method="kmeans",
         )
