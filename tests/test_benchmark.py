@@ -148,7 +148,9 @@ def test_report_from_rows(tmp_path, monkeypatch):
     assert (tmp_path / "method-times.png").exists()
     assert "median 1.10x" in text
     # the every-method table: only the methods that ran, seed-matched to the peer's seed
-    assert "| shift | level | FLUX test phase | FLUX known | FedAvg | PACFL | IFCA | seeds |" in text
+    assert (
+        "| shift | level | FLUX test phase | FLUX known | FedAvg | PACFL | IFCA | seeds |" in text
+    )
     assert "| px | 1 | 89.0 | 90.0 | 70.0 | 60.0 | 80.0 | 0 |" in text
     # and the same for the held-out clients
     assert "| shift | level | FLUX (label-free) | FedAvg | PACFL | IFCA | seeds |" in text

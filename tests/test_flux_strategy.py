@@ -120,7 +120,9 @@ def test_flux_runs_through_inprocess_runner(flux_run):
 
 def test_kmeans_example_subclass(flux_run):
     """The docs/EXTENDING.md example: k-means with a given K on FLUX descriptors."""
-    strategy, results = _run(flux_run | {"strategy": "kmeans-flux", "num-clusters": 3, "holdout-clients": 2}, 11)
+    strategy, results = _run(
+        flux_run | {"strategy": "kmeans-flux", "num-clusters": 3, "holdout-clients": 2}, 11
+    )
     assert results["clustering"]["num_clusters"] == 3
     assert results["clustering"]["ari"] >= 0.9
     assert results["final"]["routing_accuracy"] == 1.0

@@ -8,8 +8,6 @@ replies, FeSEM's E-step must pick the NEAREST centre and its M-step must average
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 import pytest
 import torch
@@ -24,12 +22,13 @@ from flux_app.engine.inprocess import InProcessGrid, run_inprocess
 from flux_app.engine.registry import QUERIES as QUERY_ACTIONS
 from flux_app.engine.registry import STRATEGIES
 from flux_app.engine.server import build_strategy
-from flux_app.engine.strategy import NodeInfo, Reply
+from flux_app.engine.strategy import Reply
 from flux_app.methods.cfl.strategy import Cfl
 from flux_app.methods.fesem.strategy import Fesem, kmeanspp, nearest_centres
 from flux_app.methods.ifca.strategy import Ifca
 from flux_app.methods.pacfl.client import handle_subspaces
 from flux_app.methods.pacfl.strategy import Pacfl
+from flux_app.testing import fake_nodes, tiny_state
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -84,14 +83,10 @@ def _ari(strategy, nodes) -> float:
 
 def _offline(cls, cfg: RunConfig, groups: list[int]):
     """A strategy with fake nodes (node id 100 + i, group ``groups[i]``) and no grid."""
-    s = cls(cfg)
-    for i, g in enumerate(groups):
-        s.nodes[100 + i] = NodeInfo(100 + i, i, len(groups), 10, 0, 0, 2, (1, 2, 2), g)
-    return s
+    return fake_nodes(cls(cfg), groups)
 
 
-def _state(*values: float) -> OrderedDict:
-    return OrderedDict([("w", torch.tensor(values, dtype=torch.float32)), ("n", torch.tensor(1))])
+_state = tiny_state
 
 
 # ============================================================================ registry / client

@@ -97,3 +97,11 @@ def test_renamed_keys_still_work_with_a_warning():
         cfg = RunConfig.from_mapping({"cluster-round": 4})
     assert cfg.section(FluxConfig).cluster_round == 4
     assert any("flux-cluster-round" in str(w.message) for w in caught)
+
+
+def test_a_plugins_section_belongs_only_to_runs_that_name_it():
+    RunConfig.from_mapping({"plugins": PLUGINS})  # registers the example's section
+    plain = RunConfig.from_mapping({})
+    assert not any(k.startswith("hist-kmeans-") for k in plain.to_dict())
+    with pytest.raises(ConfigError, match="unknown run-config key 'hist-kmeans-k-max'"):
+        RunConfig.from_mapping({"plugin-config": "hist-kmeans-k-max=3"})

@@ -14,12 +14,11 @@ from flux_app.common.records import from_record
 from flux_app.engine.config import RunConfig
 from flux_app.engine.inprocess import InProcessGrid, run_inprocess
 from flux_app.engine.server import build_strategy
+from flux_app.testing import grid
 
 
 def _grid(cfg: dict, n: int, **kw) -> InProcessGrid:
-    from client_app import app
-
-    return InProcessGrid(app, RunConfig.from_mapping(cfg).to_dict(), n, **kw)
+    return grid(RunConfig.from_mapping(cfg), n, **kw)
 
 
 def test_fedavg_run_writes_contract(small_run):

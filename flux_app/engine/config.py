@@ -146,7 +146,8 @@ class RunConfig:
         # Canonical form: every registered section present (its defaults when not given), so
         # two configs with the same values compare equal however they were built.
         registry.load_plugins(self.plugins)
-        full = {name: self.sections.get(name) or cls() for name, cls in registry.SECTIONS.items()}
+        run_sections = registry.sections_for(self.plugins).items()
+        full = {name: self.sections.get(name) or cls() for name, cls in run_sections}
         object.__setattr__(self, "sections", full)
 
     # ------------------------------------------------------------------ construction
@@ -177,7 +178,7 @@ class RunConfig:
                 )
             values[key] = value
         common = {f.name: f for f in fields(cls) if f.name != "sections"}
-        owners = _section_keys()
+        owners = _section_keys(str(values.get("plugins", "")))
         kwargs: dict[str, Any] = {}
         by_section: dict[str, dict[str, Any]] = {}
         for key, value in values.items():
@@ -194,7 +195,8 @@ class RunConfig:
                 known = sorted(k.replace("_", "-") for k in common) + sorted(owners)
                 raise ConfigError(f"unknown run-config key {key!r}; known keys: {', '.join(known)}")
         sections = {
-            name: registry.SECTIONS[name](**by_section.get(name, {})) for name in registry.SECTIONS
+            name: section_cls(**by_section.get(name, {}))
+            for name, section_cls in registry.sections_for(str(values.get("plugins", ""))).items()
         }
         cfg = cls(**kwargs, sections=sections)
         cfg.validate()
@@ -209,7 +211,7 @@ class RunConfig:
         """Copy with some keys changed, validated; names are snake_case keys, common or of a
         section (``replace(lr=0.1, flux_proj_dim=4)``)."""
         common = {f.name for f in fields(self)}
-        owners = _section_keys()
+        owners = _section_keys(self.plugins)
         sections = dict(self.sections)
         kept = {}
         for name, value in changes.items():
@@ -230,14 +232,13 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case dict of every key (common and every registered section), as written to
         run_config.json and accepted by ``from_mapping``."""
-        registry.load_plugins(self.plugins)
         out = {
             f.name.replace("_", "-"): getattr(self, f.name)
             for f in fields(self)
             if f.name != "sections"
         }
-        for section_cls in registry.SECTIONS.values():
-            out.update(self.section(section_cls).to_dict())
+        for section in self.sections.values():
+            out.update(section.to_dict())
         return out
 
     # ------------------------------------------------------------------ validation
@@ -367,9 +368,10 @@ def parse_plugin_config(text: str) -> dict[str, Any]:
     return out
 
 
-def _section_keys() -> dict[str, tuple[type[ConfigSection], str]]:
-    """Run-config key -> (section class, field) over every registered section."""
-    return {k: (cls, f) for cls in registry.SECTIONS.values() for k, f in cls.keys().items()}
+def _section_keys(plugins: str = "") -> dict[str, tuple[type[ConfigSection], str]]:
+    """Run-config key -> (section class, field) over the sections of a run."""
+    sections = registry.sections_for(plugins).values()
+    return {k: (cls, f) for cls in sections for k, f in cls.keys().items()}
 
 
 def _current_key(key: str) -> str:

@@ -164,6 +164,20 @@ def load_plugins(spec: str = "") -> list[str]:
     return mods
 
 
+def sections_for(spec: str = "") -> dict[str, type[ConfigSection]]:
+    """The config sections of a run: the built-in ones and those of its plug-ins ``spec``
+    (a section registered by another plug-in, imported earlier in this process, is not part of
+    this run's configuration)."""
+    mods = parse_plugins(spec)
+
+    def ours(module: str) -> bool:
+        return module.startswith("flux_app.") or any(
+            module == m or module.startswith(m + ".") for m in mods
+        )
+
+    return {name: cls for name, cls in SECTIONS.items() if ours(cls.__module__)}
+
+
 def strategy_class(name: str) -> type[ClusteredStrategy]:
     """The registered strategy ``name``, or a clear error listing the available ones."""
     try:
@@ -200,5 +214,6 @@ __all__ = [
     "register_query",
     "register_strategy",
     "register_train_hook",
+    "sections_for",
     "strategy_class",
 ]

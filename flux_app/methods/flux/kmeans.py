@@ -2,7 +2,8 @@
 
 Everything else (warm-up, the descriptor query and its validation, per-cluster training,
 label-free routing of held-out nodes, metrics, outputs) is inherited from :class:`Flux`. The
-benchmarks use it as FLUX told K; docs/EXTENDING.md shows a variant written as a plug-in.
+benchmark harness leaves it out of its grids (it is FLUX told K, for comparisons run by hand);
+docs/EXTENDING.md shows another variant written as a plug-in (examples/flux_ward.py).
 """
 
 from __future__ import annotations

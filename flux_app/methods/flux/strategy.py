@@ -1,10 +1,10 @@
 """FLUX (Fenoglio et al., NeurIPS 2025): descriptor-driven clustered FL, no K given.
 
 Schedule
-    Warm-up FedAvg on one global model. In the clustering round (``cluster-round`` when > 0,
-    otherwise the first round >= ``cluster-min-round`` whose validation-accuracy gain over the
-    previous round is below ``cluster-gain-threshold``, and at the latest the round
-    ``ceil(cluster-max-fraction * num-server-rounds)``), the global model just received is frozen
+    Warm-up FedAvg on one global model. In the clustering round (``flux-cluster-round`` when
+    > 0, otherwise the first round >= ``flux-cluster-min-round`` whose validation-accuracy gain
+    over the previous round is below ``flux-cluster-gain-threshold``, and at the latest the round
+    ``ceil(flux-cluster-max-fraction * num-server-rounds)``), the global model just received is frozen
     as the extractor E; every training node computes its descriptor with E BEFORE local training
     (``query.descriptor``), the server clusters them (:func:`cluster_descriptors`: HDBSCAN by
     default, knee-DBSCAN as an option, the no-structure guard, the noise policy), and from this

@@ -1,4 +1,5 @@
-"""Client side of PACFL (and FedDAG's data half): the ``query.subspaces`` action.
+"""Client side of PACFL: the ``query.subspaces`` action (FedDAG computes the same subspaces in
+its own ``query.feddag``).
 
 The server sends a ConfigRecord ``config`` with ``p`` (the number of left singular vectors per
 class; default the run-config's ``pacfl-subspace-dim``). The node replies with ArrayRecord
