@@ -29,6 +29,7 @@ method's package and register with ``@register_query``; the ClientApp serves eve
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -42,7 +43,8 @@ from flux_app.common.models import build_model, is_dual
 from flux_app.common.records import from_record, get_array_record, to_record
 from flux_app.common.seeding import derive_seed
 from flux_app.common.training import evaluate, resolve_device, train
-from flux_app.data import ClientData, ShiftSpec, input_shape, load_source, make_client_data
+from flux_app.data import ClientData, ShiftSpec, load_source, make_client_data
+from flux_app.data.folder import FolderData, load_folder
 from flux_app.engine.config import RunConfig
 from flux_app.engine.registry import TRAIN_HOOKS, register_query
 
@@ -52,14 +54,18 @@ class NodeConfigError(ValueError):
 
 
 def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
-    """``(partition-id, num-partitions)`` from a node-config, checked."""
+    """``(partition-id, num-partitions)`` from a node-config, checked (``(-1, 0)`` for a site
+    that brings its own data: node-config ``data-path``)."""
+    if node_config.get("data-path") and "partition-id" not in node_config:
+        return -1, 0
     try:
         pid = int(node_config["partition-id"])
         num = int(node_config["num-partitions"])
     except (KeyError, TypeError, ValueError):
         raise NodeConfigError(
-            "node-config must give integer 'partition-id' and 'num-partitions', e.g. "
-            "flower-supernode --node-config 'partition-id=0 num-partitions=10'; got "
+            "node-config must give the site's data folder, e.g. flower-supernode --node-config "
+            "'data-path=\"/srv/site-a\"', or a partition of a simulated protocol, "
+            "'partition-id=0 num-partitions=10'; got "
             f"{dict(node_config)}"
         ) from None
     if not 0 <= pid < num:
@@ -91,16 +97,32 @@ def shift_spec(cfg: RunConfig) -> ShiftSpec:
     )
 
 
-def model_input(cfg: RunConfig) -> tuple[tuple[int, int, int], int]:
-    """``(input_shape, num_classes)`` of the models of this run (same for server and clients)."""
-    source = load_source(cfg.dataset, cfg.data_root, cfg.seed)
-    return input_shape(source, cfg.shift), source.num_classes
-
-
 def new_model(cfg: RunConfig, *, dual: bool = False, seed: int | None = None) -> nn.Module:
-    """The run's model architecture (optionally FedDAG's dual-encoder version)."""
-    shape, num_classes = model_input(cfg)
+    """The run's model architecture (optionally FedDAG's dual-encoder version); its shape is the
+    run-config's (:attr:`RunConfig.model_input`), the same on the server and every node."""
+    shape, num_classes = cfg.model_input
     return build_model(cfg.model_name, shape, num_classes, dual=dual, seed=seed)
+
+
+@lru_cache(maxsize=16)  # one entry per folder this process serves
+def _site(
+    path: str,
+    channels: int,
+    image_size: int,
+    num_classes: int,
+    class_names: tuple[str, ...],
+    val_fraction: float,
+    seed: int,
+) -> FolderData:
+    return load_folder(
+        path,
+        channels=channels,
+        image_size=image_size,
+        num_classes=num_classes,
+        class_names=class_names,
+        val_fraction=val_fraction,
+        seed=seed,
+    )
 
 
 @dataclass
@@ -112,7 +134,10 @@ class ClientRuntime:
     num_partitions: int
     #: ``context.state``: the node's own records across messages (e.g. FedDAG's sketch)
     state: RecordDict = field(default_factory=RecordDict, repr=False)
+    #: the site's own data folder (node-config ``data-path``); empty for a simulated partition
+    data_path: str = ""
     _data: ClientData | None = field(default=None, repr=False)
+    _site: FolderData | None = field(default=None, repr=False)
 
     @classmethod
     def from_context(
@@ -126,11 +151,43 @@ class ClientRuntime:
         if node_config.get("data-root"):
             cfg = cfg.replace(data_root=str(node_config["data-root"]))
         pid, num = node_partition(node_config)
-        return cls(cfg, pid, num, RecordDict() if state is None else state)
+        data_path = str(node_config.get("data-path", "")) if pid < 0 else ""
+        return cls(cfg, pid, num, RecordDict() if state is None else state, data_path)
+
+    @property
+    def site(self) -> FolderData | None:
+        """The site's folder data (``None`` for a simulated partition), read once per process."""
+        if self.data_path and self._site is None:
+            (c, size, _), classes = self.cfg.model_input
+            names = tuple(self.cfg.class_name_list)
+            cfg = self.cfg
+            self._site = _site(self.data_path, c, size, classes, names, cfg.val_fraction, cfg.seed)
+        return self._site
+
+    @property
+    def name(self) -> str:
+        """The node's name in results: its partition id, or its data folder's name."""
+        return (
+            str(self.partition_id)
+            if self.partition_id >= 0
+            else os.path.basename(os.path.abspath(self.data_path))
+        )
+
+    @property
+    def unlabeled(self) -> torch.Tensor:
+        """Inputs without labels (a site's ``unlabeled/``; none for a simulated partition)."""
+        site = self.site
+        if site is None:
+            shape, _ = self.cfg.model_input
+            return torch.zeros(0, *shape)
+        return site.unlabeled
 
     @property
     def data(self) -> ClientData:
-        """This node's partition (train / val / test), built once per process."""
+        """This node's data (train / val / test): its folder's, or its simulated partition,
+        built once per process."""
+        if self._data is None and self.site is not None:
+            self._data = self.site.data
         if self._data is None:
             self._data = _partition(
                 self.cfg.dataset,
@@ -148,7 +205,9 @@ class ClientRuntime:
 
     def seed_for(self, *parts: object) -> int:
         """A seed specific to this run, this partition and ``parts`` (e.g. round, phase)."""
-        return derive_seed(self.cfg.seed, self.partition_id, *parts)
+        return derive_seed(
+            self.cfg.seed, self.partition_id if self.partition_id >= 0 else self.name, *parts
+        )
 
     def model_from(self, content: RecordDict, key: str = "arrays") -> nn.Module:
         """Build the run's model (the architecture the weights are for) and load them."""
@@ -166,8 +225,10 @@ def config_of(content: RecordDict) -> ConfigRecord:
 # ----------------------------------------------------------------------------- handlers
 @register_query("info")
 def handle_info(content: RecordDict, rt: ClientRuntime) -> RecordDict:
-    """Reply to ``query.info`` with sizes, partition and ground-truth group."""
+    """Reply to ``query.info`` with sizes, partition (or site name), ground-truth group (-1 =
+    unknown) and, for a site, its unlabeled inputs and the files it could not read."""
     d = rt.data
+    site = rt.site
     info = MetricRecord(
         {
             "partition-id": rt.partition_id,
@@ -178,9 +239,12 @@ def handle_info(content: RecordDict, rt: ClientRuntime) -> RecordDict:
             "num-classes": d.num_classes,
             "input-shape": [int(v) for v in d.x_train.shape[1:]],
             "group": int(d.group),
+            "num-unlabeled": len(rt.unlabeled),
+            "num-skipped": len(site.skipped) if site is not None else 0,
+            "has-folder": int(site is not None),
         }
     )
-    return RecordDict({"info": info})
+    return RecordDict({"info": info, "node": ConfigRecord({"name": rt.name})})
 
 
 def trainable_modules(model: nn.Module, prefixes: str) -> list[nn.Module] | None:

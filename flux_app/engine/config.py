@@ -40,6 +40,18 @@ DEVICES = ("auto", "cpu", "cuda")
 # lr 0.05 with momentum 0.9 (an effective step of 0.5) leaves some 4-client cluster models stuck
 # near chance for good (Oracle, px level 2, seed 1: one cluster at 3-10 % after 8 rounds), while
 # momentum 0.5 trains every cluster (docs/DECISIONS.md).
+#: ``(channels, image size, classes)`` of the known datasets: the defaults of run-config
+#: ``channels``, ``image-size`` and ``num-classes`` (the model's shape never comes from loading a
+#: dataset on the server, nor from a node's word)
+DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
+    "digits": (1, 28, 10),
+    "synthetic": (1, 28, 10),
+    "fmnist": (1, 28, 10),
+    "mnist": (1, 28, 10),
+    "cifar10": (3, 32, 10),
+    "cifar100": (3, 32, 100),
+}
+
 DATASET_PROFILES: dict[str, dict[str, Any]] = {
     "digits": {"lr": 0.05, "momentum": 0.5, "local_epochs": 10, "model": "lenet5"},
     "synthetic": {"lr": 0.05, "momentum": 0.9, "local_epochs": 2, "model": "lenet5"},
@@ -132,6 +144,12 @@ class RunConfig:
     eval_every: int = 1
     round_timeout: float = 600.0
     min_nodes: int = 0
+    #: the model's input and output; 0 = from ``dataset`` (see ``model_input``)
+    num_classes: int = 0
+    image_size: int = 0
+    channels: int = 0
+    #: comma-separated class names: a site's label folders may use them (index = position)
+    class_names: str = ""
     #: K for the methods that are told the number of clusters (IFCA, FeSEM, kmeans-flux)
     num_clusters: int = 3
     #: how a cluster combines its members' updates (:mod:`flux_app.engine.aggregation`)
@@ -267,6 +285,27 @@ class RunConfig:
             _check(float(self.momentum) >= 0, "momentum", self.momentum, '>= 0 or "auto"')
         _check(self.weight_decay >= 0, "weight-decay", self.weight_decay, ">= 0")
         _check(self.num_clusters >= 1, "num-clusters", self.num_clusters, ">= 1")
+        _check(
+            self.num_classes == 0 or self.num_classes >= 2,
+            "num-classes",
+            self.num_classes,
+            ">= 2 (0 = from dataset)",
+        )
+        _check(
+            self.image_size == 0 or 4 <= self.image_size <= 1024,
+            "image-size",
+            self.image_size,
+            "in 4..1024 (0 = from dataset)",
+        )
+        _check(self.channels in (0, 1, 3), "channels", self.channels, "1, 3 or 0 (= from dataset)")
+        names = self.class_name_list
+        _check(len(set(names)) == len(names), "class-names", self.class_names, "distinct names")
+        _check(
+            not names or len(names) == self.model_input[1],
+            "class-names",
+            self.class_names,
+            f"{self.model_input[1]} names, one per class (num-classes)",
+        )
         if self.lr != "auto":
             _check(float(self.lr) > 0, "lr", self.lr, '> 0 or "auto"')
         if self.local_epochs != "auto":
@@ -298,6 +337,23 @@ class RunConfig:
     def model_name(self) -> str:
         """``model``, or the dataset's default when ``"auto"``."""
         return str(DATASET_PROFILES[self.dataset]["model"] if self.model == "auto" else self.model)
+
+    @property
+    def class_name_list(self) -> list[str]:
+        """``class-names`` as a list (empty when not set)."""
+        return [n.strip() for n in self.class_names.split(",") if n.strip()]
+
+    @property
+    def model_input(self) -> tuple[tuple[int, int, int], int]:
+        """``((C, H, W), num_classes)`` of the run's models, from ``channels``, ``image-size``,
+        ``num-classes`` (or ``class-names``) and, where those are 0, the ``dataset``'s shape; the
+        ``px`` shift colours its images, so it has 3 channels."""
+        c, size, classes = DATASET_SHAPES[self.dataset]
+        if self.shift == "px":
+            c = 3
+        classes = self.num_classes or len(self.class_name_list) or classes
+        size = self.image_size or size
+        return (self.channels or c, size, size), classes
 
     @property
     def resolved_output_dir(self) -> str:

@@ -7,10 +7,12 @@ hooks; it is the data flow of docs/ARCHITECTURE.md ("a round").
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
 from flux_app.engine import metrics
+from flux_app.engine.delivery import deliver
 from flux_app.engine.results import FINAL_DEFAULTS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -111,15 +113,25 @@ def finish(s: ClusteredStrategy, wall_seconds: float) -> dict[str, Any]:
     end_round = s.cfg.num_server_rounds + 1
     holdouts = s.holdout_nodes()
     routed = s.route(holdouts, end_round) if holdouts else {}
+    served_largest = []
+    for n, c in routed.items():  # a site with only unlabeled data still gets a model
+        if c is None and s.nodes[n].num_train == 0 and s.assignment:
+            routed[n] = s.largest_cluster()
+            served_largest.append(s.nodes[n].name)
+            logger.warning(
+                "%s cannot place node %s (%s) without labels; it is served the largest cluster",
+                s.name,
+                n,
+                s.nodes[n].name,
+            )
     usable = {n: c for n, c in routed.items() if c is not None and c in s.models}
-    holdout_eval = s.evaluate_nodes({n: s.models[c] for n, c in usable.items()}, end_round)
+    labelled = {n: c for n, c in usable.items() if s.nodes[n].num_test > 0}
+    holdout_eval = s.evaluate_nodes({n: s.models[c] for n, c in labelled.items()}, end_round)
     ari, nmi = s.assignment_scores()
 
     def by_client(evals: dict[int, dict[str, float]]) -> dict[str, float]:
         return {
-            str(s.nodes[n].partition_id): float(evals[n]["accuracy"])
-            for n in s.ordered(evals)
-            if n in s.nodes
+            s.nodes[n].name: float(evals[n]["accuracy"]) for n in s.ordered(evals) if n in s.nodes
         }
 
     final: dict[str, Any] = {
@@ -136,7 +148,8 @@ def finish(s: ClusteredStrategy, wall_seconds: float) -> dict[str, Any]:
         "routing_accuracy": metrics.routing_accuracy(s.nodes, s.assignment, usable)
         if holdouts
         else None,
-        "holdout_assignment": {str(s.nodes[n].partition_id): c for n, c in routed.items()},
+        "served_largest": served_largest,
+        "holdout_assignment": {s.nodes[n].name: c for n, c in routed.items()},
         "wall_seconds": round(wall_seconds, 3),
         "bytes_descriptor_up": s.traffic_counter.up(*s.descriptor_types),
         "bytes_model_up": s.traffic["train"]["up"],
@@ -148,6 +161,10 @@ def finish(s: ClusteredStrategy, wall_seconds: float) -> dict[str, Any]:
         "accuracy_holdout_by_client": by_client(holdout_eval),
     }
     final.update(s.final_metrics())
+    run_name = (
+        os.path.basename(s.recorder.root) if s.recorder is not None else (s.cfg.run_name or s.name)
+    )
+    final["delivered"] = deliver(s, {**s.assignment, **usable}, run_name, end_round + 1)
     s.results["final"] = final
     if s.recorder is not None:
         s.recorder.set("final", final)

@@ -24,8 +24,8 @@ def assignment_scores(
     """ARI and NMI of the nodes' clusters (``order``: the nodes to score) against their groups."""
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-    if len(order) < 2:
-        return None, None
+    if len(order) < 2 or any(nodes[n].group < 0 for n in order):
+        return None, None  # no ground truth (a real deployment without group.txt)
     truth = [nodes[n].group for n in order]
     pred = [assignment[n] for n in order]
     return float(adjusted_rand_score(truth, pred)), float(normalized_mutual_info_score(truth, pred))
@@ -34,7 +34,10 @@ def assignment_scores(
 def routing_accuracy(
     nodes: Mapping[int, NodeInfo], assignment: Mapping[int, int], routed: Mapping[int, int]
 ) -> float | None:
-    """Share of routed nodes sent to the cluster holding most training nodes of their group."""
+    """Share of routed nodes sent to the cluster holding most training nodes of their group
+    (``None`` where some group is unknown)."""
+    if any(nodes[n].group < 0 for n in [*assignment, *routed]):
+        return None
     home: dict[int, Counter] = defaultdict(Counter)
     for n, c in assignment.items():
         home[nodes[n].group][c] += 1
@@ -54,13 +57,13 @@ def clustering_record(
     **extra: Any,
 ) -> dict[str, Any]:
     """results.json's ``clustering`` section: the assignment by partition id, ARI/NMI, extras."""
-    by_pid = sorted(assignment.items(), key=lambda kv: nodes[kv[0]].partition_id)
+    by_pid = sorted(assignment.items(), key=lambda kv: nodes[kv[0]].sort_key)
     return {
         "round": server_round,
         "num_clusters": len(set(assignment.values())),
         "ari": ari,
         "nmi": nmi,
-        "assignment": {str(nodes[n].partition_id): c for n, c in by_pid},
+        "assignment": {nodes[n].name: c for n, c in by_pid},
         **extra,
     }
 

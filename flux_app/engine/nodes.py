@@ -26,8 +26,10 @@ INFO = "query.info"
 class NodeInfo:
     """What the server knows about a node, from its ``query.info`` reply.
 
-    ``group`` is the ground-truth shift group of the node's simulated data. It exists for
-    metrics (ARI, routing accuracy) and for the Oracle baseline only; no other method reads it.
+    ``group`` is the ground-truth shift group of the node's simulated data (or of a site's
+    ``group.txt``; -1 = unknown). It exists for metrics (ARI, routing accuracy) and for the
+    Oracle baseline only; no other method reads it. ``partition_id`` is -1 for a site that
+    brings its own data; ``name`` is what results.json calls the node.
     """
 
     node_id: int
@@ -40,10 +42,31 @@ class NodeInfo:
     input_shape: tuple[int, int, int]
     group: int
     holdout: bool = False
+    name: str = ""
+    num_unlabeled: int = 0
+    num_skipped: int = 0
+    has_folder: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = str(self.partition_id)
+
+    @property
+    def sort_key(self) -> tuple[int, str, int]:
+        """Stable order: partitions by id, then sites by name."""
+        return (self.partition_id if self.partition_id >= 0 else 1 << 29, self.name, self.node_id)
 
 
-def parse_info(node_id: int, content: RecordDict) -> NodeInfo:
-    """A node's ``query.info`` reply, checked; raises ``ValueError``/``KeyError``/``TypeError``."""
+def parse_info(
+    node_id: int,
+    content: RecordDict,
+    model_input: tuple[tuple[int, int, int], int] | None = None,
+) -> NodeInfo:
+    """A node's ``query.info`` reply, checked; raises ``ValueError``/``KeyError``/``TypeError``.
+
+    With ``model_input`` (the run's ``(input shape, classes)``), a node whose data has another
+    shape or number of classes is rejected: the model's shape comes from the run, not a node.
+    """
     info = content.metric_records["info"]
     shape = tuple(int(v) for v in info["input-shape"])
     node = NodeInfo(
@@ -56,9 +79,28 @@ def parse_info(node_id: int, content: RecordDict) -> NodeInfo:
         num_classes=int(info["num-classes"]),
         input_shape=shape,  # type: ignore[arg-type]
         group=int(info["group"]),
+        num_unlabeled=int(info.get("num-unlabeled", 0)),
+        num_skipped=int(info.get("num-skipped", 0)),
+        has_folder=bool(info.get("has-folder", 0)),
     )
-    if len(shape) != 3 or node.num_classes < 2 or node.num_partitions < 1:
-        raise ValueError("implausible shape/classes/partitions")
+    named = content.config_records.get("node")
+    node.name = (
+        str(named["name"]) if named is not None and "name" in named else str(node.partition_id)
+    )
+    counts = (node.num_train, node.num_val, node.num_test, node.num_unlabeled, node.num_skipped)
+    if len(shape) != 3 or node.num_classes < 2 or min(counts) < 0:
+        raise ValueError("implausible shape/classes/sizes")
+    if node.partition_id >= 0 and not 0 <= node.partition_id < node.num_partitions:
+        raise ValueError(f"partition-id {node.partition_id} outside 0..{node.num_partitions - 1}")
+    if model_input is not None and (tuple(shape), node.num_classes) != (
+        tuple(model_input[0]),
+        model_input[1],
+    ):
+        raise ValueError(
+            f"data of shape {tuple(shape)} with {node.num_classes} classes disagrees with the run's "
+            f"model input {tuple(model_input[0])} and {model_input[1]} classes (run-config "
+            "channels / image-size / num-classes)"
+        )
     return node
 
 
@@ -80,15 +122,21 @@ class NodeBook:
         The last this many partitions are held out (never train).
     """
 
-    def __init__(self, holdout_clients: int = 0) -> None:
+    def __init__(
+        self,
+        holdout_clients: int = 0,
+        model_input: tuple[tuple[int, int, int], int] | None = None,
+    ) -> None:
         self.holdout_clients = holdout_clients
+        self.model_input = model_input
         self.info: dict[int, NodeInfo] = {}
         self.excluded: dict[int, str] = {}
 
     def ordered(self, node_ids: Iterable[int]) -> list[int]:
         """Nodes by partition id: keeps sampling and averaging order identical across runs."""
         return sorted(
-            node_ids, key=lambda n: (self.info[n].partition_id if n in self.info else 1 << 30, n)
+            node_ids,
+            key=lambda n: self.info[n].sort_key if n in self.info else (1 << 30, "", n),
         )
 
     def training(self) -> list[int]:
@@ -112,13 +160,26 @@ class NodeBook:
             INFO,
             {n: RecordDict() for n in ids},
             server_round,
-            parse_info,
+            lambda n, content: parse_info(n, content, self.model_input),
             what="info reply",
             excluded=self.excluded,
             exclude_missing=False,  # a node that has not answered yet is asked again later
         )
         for node_id, node in got.items():
-            node.holdout = node.partition_id >= node.num_partitions - self.holdout_clients
+            # held out: the last holdout-clients partitions, and every site without labelled
+            # training data (it only gets served)
+            last = (
+                node.num_partitions > 0
+                and node.partition_id >= node.num_partitions - self.holdout_clients
+            )
+            node.holdout = last or node.num_train == 0
+            if node.num_skipped:
+                logger.warning(
+                    "node %s (%s): %d unreadable file(s) skipped",
+                    node_id,
+                    node.name,
+                    node.num_skipped,
+                )
             self.info[node_id] = node
         return list(got)
 

@@ -46,7 +46,7 @@ TRAIN_HOOKS: dict[str, TrainHook] = {}
 AGGREGATORS: dict[str, Callable[..., Any]] = {}
 
 #: imported before any plug-in: the built-in aggregators and methods register themselves
-BUILTIN = ("flux_app.engine.aggregation", "flux_app.methods")
+BUILTIN = ("flux_app.engine.aggregation", "flux_app.engine.delivery", "flux_app.methods")
 _MODULE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 

@@ -101,7 +101,7 @@ class ClusteredStrategy:
     def __init__(self, cfg: RunConfig, recorder: RunRecorder | None = None) -> None:
         self.cfg = cfg
         self.recorder = recorder
-        self.book = NodeBook(cfg.holdout_clients)
+        self.book = NodeBook(cfg.holdout_clients, cfg.model_input)
         self.nodes: dict[int, NodeInfo] = self.book.info
         self.excluded: dict[int, str] = self.book.excluded
         self.transport: Transport | None = None
@@ -200,10 +200,8 @@ class ClusteredStrategy:
         return self._built(derive_seed(self.cfg.seed, "peer-init", index), **options)
 
     def _built(self, seed: int, **options: Any) -> State:
-        info = next(iter(self.nodes.values()))
-        model = build_model(
-            self.cfg.model_name, info.input_shape, info.num_classes, seed=seed, **options
-        )
+        shape, classes = self.cfg.model_input  # the run's shape, never a node's word
+        model = build_model(self.cfg.model_name, shape, classes, seed=seed, **options)
         return clone_state(model.state_dict())
 
     def model_content(self, state: State, server_round: int, **config: Any) -> RecordDict:

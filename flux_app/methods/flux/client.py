@@ -16,6 +16,7 @@ and gets back ArrayRecord ``descriptor`` (the arrays of :class:`FluxDescriptor`)
 from __future__ import annotations
 
 import numpy as np
+import torch
 from flwr.app import RecordDict
 
 from flux_app.common.records import arrays_to_record
@@ -38,6 +39,9 @@ def handle_descriptor(content: RecordDict, rt: ClientRuntime) -> RecordDict:
     model.to(device).eval()
     d = rt.data
     x, y = (d.x_train, d.y_train) if split == "train" else (d.x_test, d.y_test)
+    if split == "test" and label_free and not len(x):  # a site with only unlabeled inputs
+        x = rt.unlabeled
+        y = torch.zeros(len(x), dtype=torch.int64)  # unused: the label-free moments only
     # K defaults to the number of classes, capped at the feature width (CIFAR-100 on LeNet-5).
     k = int(config.get("proj-dim", 0)) or min(d.num_classes, model.feature_dim)
     projection = projection_matrix(model.feature_dim, k, int(config.get("proj-seed", 0)))

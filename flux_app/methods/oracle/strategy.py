@@ -13,6 +13,12 @@ class Oracle(ClusteredStrategy):
     no other method may do. Held-out and late nodes go to their group's cluster."""
 
     def setup(self) -> None:  # noqa: D102
+        unknown = [self.nodes[n].name for n in self.training_nodes() if self.nodes[n].group < 0]
+        if unknown:
+            raise ValueError(
+                f"oracle needs every node's ground-truth group (simulated data, or a group.txt in a "
+                f"site's data folder); unknown for {unknown[:5]}"
+            )
         groups = sorted({self.nodes[n].group for n in self.training_nodes()})
         self.cluster_of_group = {g: i for i, g in enumerate(groups)}
         init = self.initial_model()
@@ -23,4 +29,4 @@ class Oracle(ClusteredStrategy):
         self.record_clustering(0)
 
     def route(self, node_ids: list[int], server_round: int) -> dict[int, int | None]:  # noqa: D102
-        return {n: self.cluster_of_group.get(self.nodes[n].group) for n in node_ids}
+        return {n: self.cluster_of_group.get(self.nodes[n].group) for n in node_ids}  # -1: None
