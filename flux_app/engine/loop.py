@@ -169,6 +169,7 @@ def finish(s: ClusteredStrategy, wall_seconds: float) -> dict[str, Any]:
     if s.recorder is not None:
         s.recorder.set("final", final)
         s.recorder.save_checkpoints(s.models)
+        s.save_artifacts(s.recorder.root)
         s.recorder.plot()
         logger.info("results: %s", s.recorder.results_path)
     return s.results

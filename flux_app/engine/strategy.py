@@ -25,6 +25,7 @@ A method is a registered subclass that overrides hooks. The hooks are the whole 
 ``new_cluster_for(node)``            cluster for a late node ``route`` could not place
 ``model_for(node)``                  the model a training node is evaluated with
 ``final_metrics()``                  extra entries of results.json's ``final``
+``save_artifacts(run_dir)``          files the method leaves in the run folder (FLUX's router)
 ===================================  ================================================================
 
 Helpers for methods: ``send``, ``collect`` (send + validate + record exclusions),
@@ -186,6 +187,10 @@ class ClusteredStrategy:
     def final_metrics(self) -> dict[str, Any]:
         """Extra entries for results.json's ``final``."""
         return {}
+
+    def save_artifacts(self, run_dir: str) -> None:
+        """Write what the method leaves in the run folder beside the checkpoints (FLUX: its
+        router). Default: nothing."""
 
     # ================================================================== helpers for methods
     def initial_model(self, **options: Any) -> State:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import Counter
 from typing import Any
 
@@ -41,6 +42,7 @@ from flux_app.engine.strategy import ClusteredStrategy
 from flux_app.methods.flux.clustering import FluxClustering, cluster_descriptors, route_many
 from flux_app.methods.flux.config import FluxConfig
 from flux_app.methods.flux.descriptors import FluxDescriptor
+from flux_app.methods.flux.router import save_router
 
 logger = logging.getLogger("flwr")
 
@@ -223,6 +225,26 @@ class Flux(ClusteredStrategy):
             "routing_agreement": float(np.mean(agree)) if agree else None,
             "cluster_round": self.cluster_round,
         }
+
+    def save_artifacts(self, run_dir: str) -> None:
+        """``<run>/router/``: everything routing a newcomer offline needs (``flux_app.route``)."""
+        if self.result is None or self.extractor is None:
+            return
+        shape, classes = self.cfg.model_input
+        save_router(
+            os.path.join(run_dir, "router"),
+            extractor=self.extractor,
+            clustering=self.result,
+            models=self.models,
+            model_name=self.cfg.model_name,
+            input_shape=shape,
+            num_classes=classes,
+            proj_dim=self.opts.proj_dim,
+            proj_seed=self.opts.proj_seed,
+            dp_clip=self.opts.dp_clip,
+            class_names=self.cfg.class_name_list,
+            strategy=self.name,
+        )
 
     def results_known(self) -> float | None:
         """accuracy_known of the final evaluation (the same model when nothing was clustered)."""

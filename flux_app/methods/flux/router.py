@@ -1,0 +1,159 @@
+"""FLUX's router, saved with the run: what placing a new client needs once the run is over.
+
+``<run>/router/`` holds ``manifest.json`` (versions, model, input shape, classes, projection
+settings, cluster ids), ``extractor.pt`` (the frozen extractor's state dict), ``normaliser.json``
+(the fitted block scales), ``centroids.json`` (label-free centroids) and
+``models/cluster_<k>.pt``. :class:`Router` loads it and routes a folder of images exactly as the
+run routed a newcomer (label-free descriptor of its inputs, nearest centroid), offline, without
+Flower; ``python -m flux_app.route`` is its command line. Everything is JSON or a
+``weights_only`` state dict: loading a router runs no code from the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import flux_app
+from flux_app.common.models import build_model
+from flux_app.common.params import State
+from flux_app.common.training import batches
+from flux_app.methods.flux.clustering import BlockNormaliser, FluxClustering, route_many
+from flux_app.methods.flux.descriptors import compute_flux_descriptor, projection_matrix
+
+FORMAT = 1
+
+
+def save_router(
+    folder: str,
+    *,
+    extractor: State,
+    clustering: FluxClustering,
+    models: dict[int, State],
+    model_name: str,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    proj_dim: int,
+    proj_seed: int,
+    dp_clip: float,
+    class_names: list[str],
+    strategy: str,
+) -> str:
+    """Write ``folder`` (the run's ``router/``); returns its path."""
+    os.makedirs(os.path.join(folder, "models"), exist_ok=True)
+    torch.save(dict(extractor), os.path.join(folder, "extractor.pt"))
+    for cid, state in models.items():
+        torch.save(dict(state), os.path.join(folder, "models", f"cluster_{int(cid)}.pt"))
+    with open(os.path.join(folder, "normaliser.json"), "w") as fh:
+        json.dump(clustering.normaliser.to_dict(), fh)
+    with open(os.path.join(folder, "centroids.json"), "w") as fh:
+        json.dump({"label_free": clustering.label_free_centroids.tolist()}, fh)
+    manifest = {
+        "format": FORMAT,
+        "flux_app": flux_app.__version__,
+        "torch": torch.__version__,
+        "strategy": strategy,
+        "model": model_name,
+        "input_shape": list(input_shape),
+        "num_classes": int(num_classes),
+        "proj_dim": int(proj_dim),
+        "proj_seed": int(proj_seed),
+        "dp_clip": float(dp_clip),
+        "missing_penalty": float(clustering.missing_penalty),
+        "clusters": sorted(int(c) for c in models),
+        "class_names": list(class_names),
+    }
+    with open(os.path.join(folder, "manifest.json"), "w") as fh:
+        json.dump(manifest, fh, indent=1)
+    return folder
+
+
+@dataclass
+class Router:
+    """A saved FLUX router (see the module docstring)."""
+
+    manifest: dict[str, Any]
+    extractor: nn.Module
+    clustering: FluxClustering
+    folder: str
+
+    @classmethod
+    def load(cls, folder: str) -> Router:
+        """Read ``<run>/router`` (or a run folder holding one)."""
+        if os.path.isdir(os.path.join(folder, "router")):
+            folder = os.path.join(folder, "router")
+        path = os.path.join(folder, "manifest.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"no router in {folder!r}: a FLUX run writes <run>/router/manifest.json"
+            )
+        with open(path) as fh:
+            manifest = json.load(fh)
+        if manifest.get("format") != FORMAT:
+            raise ValueError(
+                f"router format {manifest.get('format')!r}; this version reads {FORMAT}"
+            )
+        with open(os.path.join(folder, "normaliser.json")) as fh:
+            normaliser = BlockNormaliser.from_dict(json.load(fh))
+        with open(os.path.join(folder, "centroids.json")) as fh:
+            centroids = np.asarray(json.load(fh)["label_free"], dtype=np.float64)
+        clustering = FluxClustering(
+            labels=np.zeros(0, dtype=np.int64),
+            num_clusters=len(centroids),
+            centroids=centroids,
+            label_free_centroids=centroids,
+            normaliser=normaliser,
+            missing_penalty=float(manifest["missing_penalty"]),
+        )
+        extractor = cls._model(manifest, os.path.join(folder, "extractor.pt"))
+        return cls(manifest, extractor, clustering, folder)
+
+    @staticmethod
+    def _model(manifest: dict[str, Any], path: str) -> nn.Module:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = build_model(
+            manifest["model"],
+            tuple(manifest["input_shape"]),
+            int(manifest["num_classes"]),
+            dual=any(k.startswith("primary.") for k in state),
+        )
+        model.load_state_dict(state)
+        return model.eval()
+
+    def route(self, x: torch.Tensor) -> tuple[int, np.ndarray]:
+        """Cluster of a client holding inputs ``x`` (label-free), and its distances to every
+        cluster: the same descriptor and nearest-centroid rule as the run."""
+        model = self.extractor
+        k = int(self.manifest["proj_dim"]) or min(
+            int(self.manifest["num_classes"]), model.feature_dim
+        )
+        projection = projection_matrix(model.feature_dim, k, int(self.manifest["proj_seed"]))
+        y = torch.zeros(len(x), dtype=torch.int64)
+        with torch.no_grad():
+            desc = compute_flux_descriptor(
+                model.features,
+                batches(x, y, 512),
+                projection,
+                int(self.manifest["num_classes"]),
+                label_free=True,
+                clip_norm=float(
+                    self.manifest.get("dp_clip", 0.0)
+                ),  # as the run; noise is not re-drawn
+            )
+        clusters, dist = route_many([desc], self.clustering)
+        return int(clusters[0]), dist[0]
+
+    def model(self, cluster: int) -> nn.Module:
+        """The model of ``cluster``."""
+        return self._model(
+            self.manifest, os.path.join(self.folder, "models", f"cluster_{int(cluster)}.pt")
+        )
+
+
+__all__ = ["FORMAT", "Router", "save_router"]
