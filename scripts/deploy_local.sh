@@ -3,10 +3,13 @@
 # no simulation engine), run the app once with `flwr run . deploy --stream`, check through
 # `flwr ls` that the run ended as finished:completed, and stop every process this script started.
 #
-# Usage: scripts/deploy_local.sh [-n NODES] [-c 'key=value ...']... [--timeout S] [--workdir DIR]
-#                                [--late-nodes]
+# Usage: scripts/deploy_local.sh [-n NODES | --data-dir DIR] [-c 'key=value ...']... [--timeout S]
+#                                [--workdir DIR] [--late-nodes]
 #   -n, --nodes N      SuperNodes to start (default 3); node i gets
 #                      --node-config "partition-id=i num-partitions=N"
+#   --data-dir DIR     one SuperNode per DIR/node_* folder, each with its own data:
+#                      --node-config 'data-path="DIR/node_i"' (scripts/export_partitions.py
+#                      writes such folders); adds min-nodes=<folders> to the run-config
 #   -c, --run-config   run-config overrides for `flwr run` (repeatable; 'key=value ...' or a
 #                      .toml file); added after the demo defaults
 #                      dataset="digits" num-server-rounds=2
@@ -24,10 +27,11 @@ NODES=3
 TIMEOUT=900
 WORKDIR=""
 LATE_NODES=0
+DATA_DIR=""
 CONFIGS=()
 
 die() { echo "[deploy] error: $*" >&2; exit 2; }
-usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -36,11 +40,20 @@ while [ $# -gt 0 ]; do
     --timeout) [ $# -ge 2 ] || die "$1 needs a value"; TIMEOUT="$2"; shift 2 ;;
     --workdir) [ $# -ge 2 ] || die "$1 needs a value"; WORKDIR="$2"; shift 2 ;;
     --late-nodes) LATE_NODES=1; shift ;;
+    --data-dir) [ $# -ge 2 ] || die "$1 needs a value"; DATA_DIR="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac
 done
 [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$NODES'"
+SITES=()
+if [ -n "$DATA_DIR" ]; then
+  [ -d "$DATA_DIR" ] || die "--data-dir $DATA_DIR is not a folder"
+  DATA_DIR="$(cd "$DATA_DIR" && pwd)"
+  while IFS= read -r d; do SITES+=("$d"); done < <(find "$DATA_DIR" -mindepth 1 -maxdepth 1 -type d -name 'node_*' | sort -V)
+  [ "${#SITES[@]}" -gt 0 ] || die "no node_* folder in $DATA_DIR"
+  NODES="${#SITES[@]}"
+fi
 [[ "$TIMEOUT" =~ ^[1-9][0-9]*$ ]] || die "--timeout must be a positive integer, got '$TIMEOUT'"
 for b in flower-superlink flower-supernode flwr python; do
   [ -x "$BIN/$b" ] || die "$BIN/$b not found: run scripts/setup.sh first"
@@ -185,9 +198,14 @@ start_supernodes() {
   local i port
   for ((i = 0; i < NODES; i++)); do
     port="${PORTS[$((i + 1))]}"
+    if [ "${#SITES[@]}" -gt 0 ]; then
+      node_config="data-path=\"${SITES[$i]}\""
+    else
+      node_config="partition-id=$i num-partitions=$NODES"
+    fi
     setsid "$BIN/flower-supernode" --insecure --superlink "127.0.0.1:$LINK_PORT" \
       --host 127.0.0.1 --port "$port" \
-      --node-config "partition-id=$i num-partitions=$NODES" \
+      --node-config "$node_config" \
       >"$WORKDIR/logs/supernode-$i.log" 2>&1 </dev/null &
     PIDS+=("$!")
     SUPERNODE_PIDS+=("$!")
@@ -219,6 +237,8 @@ JOINED="${CONFIGS[*]+"${CONFIGS[*]}"}"
 EXTRA=()
 [[ "$JOINED" == *output-dir* ]] || EXTRA+=("output-dir=\"$ROOT/outputs\"")
 [[ "$JOINED" == *run-name* ]] || EXTRA+=("run-name=\"deploy-$(date +%Y%m%d-%H%M%S)-$$\"")
+# sites announce no number of partitions: the ServerApp waits for this many nodes
+[ "${#SITES[@]}" -gt 0 ] && [[ "$JOINED" != *min-nodes* ]] && EXTRA+=("min-nodes=$NODES")
 [ "${#EXTRA[@]}" -gt 0 ] && OVERRIDES+=("${EXTRA[*]}")
 RUN_ARGS=()
 for o in "${OVERRIDES[@]}"; do
