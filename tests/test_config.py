@@ -117,3 +117,28 @@ def test_every_key_is_documented():
         doc = fh.read()
     missing = [k for k in _pyproject_config() if f"| `{k}` |" not in doc]
     assert not missing, f"keys missing from docs/CONFIG.md: {missing}"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"run-name": ".."},
+        {"run-name": "../elsewhere"},
+        {"run-name": "a/b"},
+        {"flux-proj-dim": -5},
+        {"lr": "inf"},
+        {"momentum": "nan"},
+        {"feddag-warmup-rounds": -2},
+        {"feddag-subspace-dim": 0},
+        {"feddag-top-k": -1},
+        {"cfl-eps2": 0.0},
+        {"pacfl-subspace-dim": 1000},
+        {"num-classes": 1},
+        {"channels": 2},
+        {"class-names": "a,a"},
+    ],
+)
+def test_values_that_would_run_wrong_are_rejected_at_the_start(bad):
+    key = next(iter(bad))
+    with pytest.raises(ConfigError, match=key):
+        RunConfig.from_mapping(bad)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 import warnings
@@ -307,7 +308,19 @@ class RunConfig:
             f"{self.model_input[1]} names, one per class (num-classes)",
         )
         if self.lr != "auto":
-            _check(float(self.lr) > 0, "lr", self.lr, '> 0 or "auto"')
+            lr = float(self.lr)
+            _check(math.isfinite(lr) and lr > 0, "lr", self.lr, 'a finite number > 0 or "auto"')
+        for key in ("alpha", "rho", "weight_decay", "val_fraction", "round_timeout"):
+            value = getattr(self, key)
+            _check(math.isfinite(value), key.replace("_", "-"), value, "a finite number")
+        if self.momentum != "auto":
+            _check(math.isfinite(float(self.momentum)), "momentum", self.momentum, "a finite number")
+        _check(
+            not self.run_name or bool(_RUN_NAME.match(self.run_name)),
+            "run-name",
+            self.run_name,
+            "one plain folder name (letters, digits, . _ + = -, not starting with a dot)",
+        )
         if self.local_epochs != "auto":
             _check(int(self.local_epochs) >= 1, "local-epochs", self.local_epochs, '>= 1 or "auto"')
         for section in self.sections.values():
@@ -367,6 +380,8 @@ class RunConfig:
 
 
 _NUMERIC_OR_AUTO = ("lr", "local_epochs", "momentum")
+#: a run's folder name: inside output-dir, never a path
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_+=-][A-Za-z0-9._+=-]{0,127}$")
 
 
 def _coerce(key: str, value: Any, default: Any, *, numeric: bool = False) -> Any:

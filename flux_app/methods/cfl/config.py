@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,3 +20,8 @@ class CflConfig(ConfigSection):
     eps1: float = 0.4
     eps2: float = 1.6
     min_round: int = 20
+
+    def validate(self) -> None:  # noqa: D102
+        self.check(0 < self.eps1 < math.inf, "eps1", "a finite number > 0")
+        self.check(0 < self.eps2 < math.inf, "eps2", "a finite number > 0")
+        self.check(self.min_round >= 1, "min_round", ">= 1")

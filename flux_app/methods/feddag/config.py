@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,3 +34,11 @@ class FeddagConfig(ConfigSection):
         self.choice("similarity", ("fused", "data", "gradient"))
         self.choice("variant", ("dual", "single", "dagger"))
         self.check(0 < self.sketch_fraction <= 1, "sketch_fraction", "in (0, 1]")
+        self.check(self.warmup_rounds >= 1, "warmup_rounds", ">= 1")
+        self.check(self.warmup_epochs >= 1, "warmup_epochs", ">= 1")
+        self.check(1 <= self.subspace_dim <= 64, "subspace_dim", "in 1..64")
+        self.check(0 <= self.delta < 1, "delta", "in [0, 1)")
+        self.check(0 <= self.lambda_ < math.inf, "lambda_", "a finite number >= 0")
+        self.check(0 < self.alpha_step <= 1, "alpha_step", "in (0, 1]")
+        self.check(self.top_k >= 1, "top_k", ">= 1")
+        self.check(self.schedule_k >= 0, "schedule_k", ">= 0 (0 = every round)")

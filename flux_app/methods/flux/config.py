@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -43,8 +44,15 @@ class FluxConfig(ConfigSection):
         self.choice("noise_policy", ("attach", "singleton"))
         self.choice("dp_mechanism", ("gaussian", "laplace"))
         self.check(self.cluster_round >= 0, "cluster_round", ">= 0 (0 = automatic)")
-        self.check(self.dp_clip >= 0, "dp_clip", ">= 0")
-        self.check(self.dp_noise >= 0, "dp_noise", ">= 0")
+        self.check(self.cluster_min_round >= 1, "cluster_min_round", ">= 1")
+        self.check(0 < self.cluster_max_fraction <= 1, "cluster_max_fraction", "in (0, 1]")
+        self.check(math.isfinite(self.cluster_gain_threshold), "cluster_gain_threshold", "finite")
+        self.check(self.proj_dim >= 0, "proj_dim", ">= 0 (0 = number of classes)")
+        self.check(self.min_cluster_size >= 2, "min_cluster_size", ">= 2")
+        self.check(0 < self.attach_tolerance < math.inf, "attach_tolerance", "a finite number > 0")
+        self.check(0 <= self.missing_penalty < math.inf, "missing_penalty", "a finite number >= 0")
+        self.check(0 <= self.dp_clip < math.inf, "dp_clip", "a finite number >= 0")
+        self.check(0 <= self.dp_noise < math.inf, "dp_noise", "a finite number >= 0")
         self.check(
             not (self.dp_noise > 0 and self.dp_clip <= 0),
             "dp_noise",

@@ -18,3 +18,7 @@ class PacflConfig(ConfigSection):
 
     threshold: float = 0.0
     subspace_dim: int = 3
+
+    def validate(self) -> None:  # noqa: D102
+        self.check(0 <= self.threshold <= 90, "threshold", "in [0, 90] degrees (0 = automatic)")
+        self.check(1 <= self.subspace_dim <= 64, "subspace_dim", "in 1..64")
