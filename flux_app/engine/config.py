@@ -314,7 +314,9 @@ class RunConfig:
             value = getattr(self, key)
             _check(math.isfinite(value), key.replace("_", "-"), value, "a finite number")
         if self.momentum != "auto":
-            _check(math.isfinite(float(self.momentum)), "momentum", self.momentum, "a finite number")
+            _check(
+                math.isfinite(float(self.momentum)), "momentum", self.momentum, "a finite number"
+            )
         _check(
             not self.run_name or bool(_RUN_NAME.match(self.run_name)),
             "run-name",
