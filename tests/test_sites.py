@@ -266,3 +266,30 @@ def test_run_names_cannot_escape_a_sites_folder():
     for bad in ("..", "../x", "a/b", "", ".hidden", "x" * 200):
         with pytest.raises(ValueError):
             safe_name(bad)
+
+
+def test_a_flwr_datasets_partition_is_read_through_the_datasets_api(tmp_path, monkeypatch):
+    """The reader's side of a save_to_disk partition, against a stand-in for the ``datasets``
+    API (load_from_disk -> DatasetDict of rows with a PIL ``image`` and a ``label``)."""
+    import sys
+    import types
+
+    class Dataset(list):
+        column_names = ("image", "label")
+
+    class DatasetDict(dict):
+        pass
+
+    rows = [{"image": Image.new("L", (32, 32), 10 * i), "label": i % 3} for i in range(10)]
+    rows.append({"image": Image.new("L", (32, 32)), "label": 99})  # out of range: skipped
+    parts = DatasetDict(train=Dataset(rows), test=Dataset(rows[:4]))
+    stub = types.SimpleNamespace(
+        load_from_disk=lambda path: parts, DatasetDict=DatasetDict, Dataset=Dataset
+    )
+    monkeypatch.setitem(sys.modules, "datasets", stub)
+    (tmp_path / "dataset_dict.json").write_text("{}")
+    got = _load(tmp_path, val_fraction=0.0)
+    assert got.data.x_train.shape == (10, 1, 28, 28)  # resized to the run's shape
+    assert got.data.x_test.shape == (4, 1, 28, 28)
+    assert sorted(got.data.y_train.tolist()) == sorted(r["label"] for r in rows[:10])
+    assert got.skipped == ["train[10]"]
