@@ -188,3 +188,27 @@ def test_best_over_rounds_is_the_mean_of_each_clients_best(small_run):
     assert final["accuracy_known"] == pytest.approx((0.4 + 0.5 + 0.1) / 3)  # final round
     # per client: 0.9, 0.6, 0.3 -- not the best round's mean (round 2: 0.467)
     assert final["accuracy_best_over_rounds"] == pytest.approx((0.9 + 0.6 + 0.3) / 3)
+
+
+def test_a_data_error_on_every_node_fails_at_once_with_the_cause(small_run):
+    """A missing dataset on every node is reported as the nodes' own error, not as a time-out."""
+    import time
+
+    cfg = RunConfig.from_mapping(small_run | {"dataset": "fmnist", "data-root": "/nonexistent"})
+    strategy = build_strategy(cfg)
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match="failed to join.*(fmnist|nonexistent|not found)"):
+        strategy.start(_grid(cfg.to_dict(), 3))
+    assert time.time() - t0 < 30  # the discovery wait is 120 s
+
+
+def test_a_run_in_which_no_node_trained_fails_with_the_reason(small_run):
+    def broken(reply: Message) -> Message | None:
+        if reply.metadata.message_type == "train":
+            raise RuntimeError("disk full")
+        return reply
+
+    cfg = RunConfig.from_mapping(small_run | {"num-server-rounds": 1})
+    hooks = dict.fromkeys(range(3), broken)
+    with pytest.raises(RuntimeError, match="no node trained.*disk full"):
+        build_strategy(cfg).start(_grid(cfg.to_dict(), 3, hooks=hooks))

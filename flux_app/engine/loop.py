@@ -61,6 +61,13 @@ def run_rounds(s: ClusteredStrategy, t_start: float) -> dict[str, Any]:
             "-" if accuracy is None else f"{accuracy:.4f}",
             row["seconds"],
         )
+    if s.trained == 0:
+        errors = sorted(set(s._transport().errors.values()))
+        raise RuntimeError(
+            f"no node trained in {rounds} round(s): every train message went unanswered or was "
+            "rejected"
+            + (f"; node errors: {' | '.join(e[:300] for e in errors[:3])}" if errors else "")
+        )
     return finish(s, time.time() - t_start)
 
 

@@ -193,10 +193,19 @@ class NodeBook:
         """
         deadline = time.time() + wait_seconds
         while True:
-            self.query(transport, self.unknown(transport.grid.get_node_ids()), 0)
+            present = list(transport.grid.get_node_ids())
+            self.query(transport, self.unknown(present), 0)
             expected = min_nodes or max((i.num_partitions for i in self.info.values()), default=1)
             if len(self.info) + len(self.excluded) >= expected:
                 break
+            failed = {n: transport.errors[n] for n in present if n in transport.errors}
+            if present and not self.info and len(failed) == len(present):
+                # every node answered, with an error: that is the cause, say it now
+                reasons = sorted(set(failed.values()))
+                raise RuntimeError(
+                    f"every node ({len(present)}) failed to join; their error(s): "
+                    + " | ".join(r[:300] for r in reasons[:3])
+                )
             if time.time() > deadline:
                 if not self.info:
                     raise RuntimeError(f"no node answered within {wait_seconds:.0f} s")

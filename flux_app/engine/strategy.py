@@ -116,6 +116,8 @@ class ClusteredStrategy:
         #: each training node's best test accuracy over the evaluated rounds that count
         self.best_accuracy: dict[int, float] = {}
         self.train_losses: list[float] = []
+        #: accepted train replies over the run (a run in which nobody trained has failed)
+        self.trained = 0
         self.clustering: dict[str, Any] | None = None
         self.results: dict[str, Any] = {"rounds": [], "clustering": None, "final": None}
 
@@ -258,6 +260,7 @@ class ClusteredStrategy:
             "train", contents, server_round, self._trained, what="train reply", exclude=False
         )
         replies = list(got.values())
+        self.trained += len(replies)
         for reply in replies:
             loss = reply.content.metric_records.get("metrics", {}).get("train-loss")
             if loss is not None:

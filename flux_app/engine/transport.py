@@ -51,6 +51,8 @@ class Transport:
         self.timeout = timeout
         self.order = order
         self.traffic = traffic if traffic is not None else Traffic()
+        #: node -> reason of its latest error reply (what a node's own failure was)
+        self.errors: dict[int, str] = {}
 
     def send(
         self, message_type: str, contents: Mapping[int, RecordDict], server_round: int
@@ -82,6 +84,7 @@ class Transport:
                 )
                 continue
             if reply.has_error():
+                self.errors[src] = reply.error.reason
                 logger.warning(
                     "node %s (%s): error reply: %s", src, message_type, reply.error.reason
                 )
