@@ -212,3 +212,36 @@ def test_a_run_in_which_no_node_trained_fails_with_the_reason(small_run):
     hooks = dict.fromkeys(range(3), broken)
     with pytest.raises(RuntimeError, match="no node trained.*disk full"):
         build_strategy(cfg).start(_grid(cfg.to_dict(), 3, hooks=hooks))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), 1e15, 0.5, -3, float("nan")])
+def test_absurd_num_examples_are_rejected_not_averaged(small_run, bad):
+    def lie(reply: Message) -> Message:
+        if reply.metadata.message_type != "train":
+            return reply
+        content = RecordDict(dict(reply.content.items()))
+        content["metrics"] = MetricRecord({"num-examples": bad, "train-loss": 1.0})
+        return Message(content, reply_to=reply)
+
+    cfg = RunConfig.from_mapping(small_run)
+    honest, _ = run_inprocess(cfg.to_dict() | {"run-name": "honest"}, 4, hooks={0: _silent})
+    lying, _ = run_inprocess(cfg.to_dict() | {"run-name": "lying"}, 4, hooks={0: lie})
+    # the liar's update never reaches the model: the others' results equal those without it
+    assert lying["final"]["accuracy_by_client"]["1"] == honest["final"]["accuracy_by_client"]["1"]
+
+
+def test_evaluate_metrics_out_of_range_are_rejected(small_run):
+    def inflate(reply: Message) -> Message:
+        if reply.metadata.message_type != "evaluate":
+            return reply
+        content = RecordDict(dict(reply.content.items()))
+        content["metrics"] = MetricRecord({"accuracy": 1e6, "loss": 0.0, "num-examples": 5})
+        return Message(content, reply_to=reply)
+
+    results, _ = run_inprocess(RunConfig.from_mapping(small_run).to_dict(), 3, hooks={0: inflate})
+    assert 0.0 <= results["final"]["accuracy_known"] <= 1.0
+    assert "0" not in results["final"]["accuracy_by_client"]
+
+
+def _silent(reply: Message) -> Message | None:
+    return None if reply.metadata.message_type == "train" else reply

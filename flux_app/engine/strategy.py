@@ -150,10 +150,12 @@ class ClusteredStrategy:
         """``(state, num-examples)`` of a train reply, checked against the cluster model."""
         state = from_record(get_array_record(reply.content, "arrays"))
         check_state(self.models[reply.cluster], state)
-        n = int(get_metric(reply.content, "metrics", "num-examples"))
-        if n <= 0:
-            raise ReplyError(f"num-examples is {n}")
-        return state, n
+        n = get_metric(reply.content, "metrics", "num-examples")
+        announced = self.nodes[reply.node_id].num_train if reply.node_id in self.nodes else None
+        if not float(n).is_integer() or n <= 0 or (announced is not None and n > announced):
+            # a node's weight in an average is bounded by the train size its info announced
+            raise ReplyError(f"num-examples is {n!r} (announced train size {announced})")
+        return state, int(n)
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> None:
         """Default: each cluster combines its members' trained models (``cluster-aggregator``)."""
@@ -343,7 +345,8 @@ class ClusteredStrategy:
 def _eval_metrics(node_id: int, content: RecordDict) -> dict[str, float]:
     """An evaluate reply's metrics (it must carry a numeric ``accuracy``)."""
     out = dict(content.metric_records["metrics"])
-    float(out["accuracy"])
+    if not 0.0 <= float(out["accuracy"]) <= 1.0:  # NaN fails too
+        raise ValueError(f"accuracy {out['accuracy']!r} outside [0, 1]")
     return out
 
 
