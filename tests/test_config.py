@@ -131,7 +131,7 @@ def test_every_key_is_documented():
         {"feddag-warmup-rounds": -2},
         {"feddag-subspace-dim": 0},
         {"feddag-top-k": -1},
-        {"cfl-eps2": 0.0},
+        {"cfl-eps2": -1.0},
         {"pacfl-subspace-dim": 1000},
         {"num-classes": 1},
         {"channels": 2},

@@ -22,6 +22,6 @@ class CflConfig(ConfigSection):
     min_round: int = 20
 
     def validate(self) -> None:  # noqa: D102
-        self.check(0 < self.eps1 < math.inf, "eps1", "a finite number > 0")
-        self.check(0 < self.eps2 < math.inf, "eps2", "a finite number > 0")
+        self.check(0 <= self.eps1 < math.inf, "eps1", "a finite number >= 0")
+        self.check(0 <= self.eps2 < math.inf, "eps2", "a finite number >= 0")
         self.check(self.min_round >= 1, "min_round", ">= 1")
