@@ -263,68 +263,7 @@ class RunConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad key (common keys, then sections)."""
-        if self.strategy not in registry.STRATEGIES:
-            registry.load_plugins(self.plugins)
-        _choice("strategy", self.strategy, tuple(sorted(registry.STRATEGIES)))
-        _choice("cluster-aggregator", self.cluster_aggregator, tuple(sorted(registry.AGGREGATORS)))
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("shift", self.shift, SHIFTS)
-        _choice("device", self.device, DEVICES)
-        if self.model != "auto":
-            _choice("model", self.model, MODELS)
-        _check(1 <= self.level <= 8, "level", self.level, "an integer in 1..8")
-        _check(self.alpha > 0, "alpha", self.alpha, "> 0")
-        _check(0 < self.rho <= 1, "rho", self.rho, "in (0, 1]")
-        _check(self.holdout_clients >= 0, "holdout-clients", self.holdout_clients, ">= 0")
-        _check(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, ">= 1")
-        _check(self.batch_size >= 1, "batch-size", self.batch_size, ">= 1")
-        _check(0 <= self.val_fraction < 1, "val-fraction", self.val_fraction, "in [0, 1)")
-        _check(0 < self.fraction_train <= 1, "fraction-train", self.fraction_train, "in (0, 1]")
-        _check(self.eval_every >= 1, "eval-every", self.eval_every, ">= 1")
-        _check(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0")
-        if self.momentum != "auto":
-            _check(float(self.momentum) >= 0, "momentum", self.momentum, '>= 0 or "auto"')
-        _check(self.weight_decay >= 0, "weight-decay", self.weight_decay, ">= 0")
-        _check(self.num_clusters >= 1, "num-clusters", self.num_clusters, ">= 1")
-        _check(
-            self.num_classes == 0 or self.num_classes >= 2,
-            "num-classes",
-            self.num_classes,
-            ">= 2 (0 = from dataset)",
-        )
-        _check(
-            self.image_size == 0 or 4 <= self.image_size <= 1024,
-            "image-size",
-            self.image_size,
-            "in 4..1024 (0 = from dataset)",
-        )
-        _check(self.channels in (0, 1, 3), "channels", self.channels, "1, 3 or 0 (= from dataset)")
-        names = self.class_name_list
-        _check(len(set(names)) == len(names), "class-names", self.class_names, "distinct names")
-        _check(
-            not names or len(names) == self.model_input[1],
-            "class-names",
-            self.class_names,
-            f"{self.model_input[1]} names, one per class (num-classes)",
-        )
-        if self.lr != "auto":
-            lr = float(self.lr)
-            _check(math.isfinite(lr) and lr > 0, "lr", self.lr, 'a finite number > 0 or "auto"')
-        for key in ("alpha", "rho", "weight_decay", "val_fraction", "round_timeout"):
-            value = getattr(self, key)
-            _check(math.isfinite(value), key.replace("_", "-"), value, "a finite number")
-        if self.momentum != "auto":
-            _check(
-                math.isfinite(float(self.momentum)), "momentum", self.momentum, "a finite number"
-            )
-        _check(
-            not self.run_name or bool(_RUN_NAME.match(self.run_name)),
-            "run-name",
-            self.run_name,
-            "one plain folder name (letters, digits, . _ + = -, not starting with a dot)",
-        )
-        if self.local_epochs != "auto":
-            _check(int(self.local_epochs) >= 1, "local-epochs", self.local_epochs, '>= 1 or "auto"')
+        _validate_common(self)
         for section in self.sections.values():
             section.validate()
 
@@ -384,6 +323,70 @@ class RunConfig:
 _NUMERIC_OR_AUTO = ("lr", "local_epochs", "momentum")
 #: a run's folder name: inside output-dir, never a path
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_+=-][A-Za-z0-9._+=-]{0,127}$")
+
+
+def _validate_common(cfg: RunConfig) -> None:
+    """The checks of the keys every run has (:meth:`RunConfig.validate`)."""
+    if cfg.strategy not in registry.STRATEGIES:
+        registry.load_plugins(cfg.plugins)
+    _choice("strategy", cfg.strategy, tuple(sorted(registry.STRATEGIES)))
+    _choice("cluster-aggregator", cfg.cluster_aggregator, tuple(sorted(registry.AGGREGATORS)))
+    _choice("dataset", cfg.dataset, DATASETS)
+    _choice("shift", cfg.shift, SHIFTS)
+    _choice("device", cfg.device, DEVICES)
+    if cfg.model != "auto":
+        _choice("model", cfg.model, MODELS)
+    _check(1 <= cfg.level <= 8, "level", cfg.level, "an integer in 1..8")
+    _check(cfg.alpha > 0, "alpha", cfg.alpha, "> 0")
+    _check(0 < cfg.rho <= 1, "rho", cfg.rho, "in (0, 1]")
+    _check(cfg.holdout_clients >= 0, "holdout-clients", cfg.holdout_clients, ">= 0")
+    _check(cfg.num_server_rounds >= 1, "num-server-rounds", cfg.num_server_rounds, ">= 1")
+    _check(cfg.batch_size >= 1, "batch-size", cfg.batch_size, ">= 1")
+    _check(0 <= cfg.val_fraction < 1, "val-fraction", cfg.val_fraction, "in [0, 1)")
+    _check(0 < cfg.fraction_train <= 1, "fraction-train", cfg.fraction_train, "in (0, 1]")
+    _check(cfg.eval_every >= 1, "eval-every", cfg.eval_every, ">= 1")
+    _check(cfg.round_timeout > 0, "round-timeout", cfg.round_timeout, "> 0")
+    if cfg.momentum != "auto":
+        _check(float(cfg.momentum) >= 0, "momentum", cfg.momentum, '>= 0 or "auto"')
+    _check(cfg.weight_decay >= 0, "weight-decay", cfg.weight_decay, ">= 0")
+    _check(cfg.num_clusters >= 1, "num-clusters", cfg.num_clusters, ">= 1")
+    _check(
+        cfg.num_classes == 0 or cfg.num_classes >= 2,
+        "num-classes",
+        cfg.num_classes,
+        ">= 2 (0 = from dataset)",
+    )
+    _check(
+        cfg.image_size == 0 or 4 <= cfg.image_size <= 1024,
+        "image-size",
+        cfg.image_size,
+        "in 4..1024 (0 = from dataset)",
+    )
+    _check(cfg.channels in (0, 1, 3), "channels", cfg.channels, "1, 3 or 0 (= from dataset)")
+    names = cfg.class_name_list
+    _check(len(set(names)) == len(names), "class-names", cfg.class_names, "distinct names")
+    _check(
+        not names or len(names) == cfg.model_input[1],
+        "class-names",
+        cfg.class_names,
+        f"{cfg.model_input[1]} names, one per class (num-classes)",
+    )
+    if cfg.lr != "auto":
+        lr = float(cfg.lr)
+        _check(math.isfinite(lr) and lr > 0, "lr", cfg.lr, 'a finite number > 0 or "auto"')
+    for key in ("alpha", "rho", "weight_decay", "val_fraction", "round_timeout"):
+        value = getattr(cfg, key)
+        _check(math.isfinite(value), key.replace("_", "-"), value, "a finite number")
+    if cfg.momentum != "auto":
+        _check(math.isfinite(float(cfg.momentum)), "momentum", cfg.momentum, "a finite number")
+    _check(
+        not cfg.run_name or bool(_RUN_NAME.match(cfg.run_name)),
+        "run-name",
+        cfg.run_name,
+        "one plain folder name (letters, digits, . _ + = -, not starting with a dot)",
+    )
+    if cfg.local_epochs != "auto":
+        _check(int(cfg.local_epochs) >= 1, "local-epochs", cfg.local_epochs, '>= 1 or "auto"')
 
 
 def _coerce(key: str, value: Any, default: Any, *, numeric: bool = False) -> Any:
