@@ -77,6 +77,63 @@ def run(
     return results, strategy
 
 
+class ServerKilled(Exception):
+    """The ServerApp stopped mid-run (what :func:`run_and_resume` does to it)."""
+
+
+class _KillingGrid(InProcessGrid):
+    """An in-process grid that stops the server at the first message of ``kill_round``."""
+
+    kill_round = 0
+
+    def push_messages(self, messages: Any) -> Any:  # noqa: D102
+        messages = list(messages)
+        if any(m.metadata.group_id == str(self.kill_round) for m in messages):
+            raise ServerKilled(f"server killed at the start of round {self.kill_round}")
+        return super().push_messages(messages)
+
+
+def comparable(results: Mapping[str, Any]) -> dict[str, Any]:
+    """``results`` without what differs between equal runs: timings and the resume record."""
+    final = {k: v for k, v in (results.get("final") or {}).items() if not k.endswith("_seconds")}
+    rounds = [{k: v for k, v in r.items() if k != "seconds"} for r in results.get("rounds", [])]
+    return {"final": final, "rounds": rounds, "clustering": results.get("clustering")}
+
+
+def run_and_resume(
+    cfg: Mapping[str, Any], nodes: int, *, kill_round: int, output_dir: str, **grid_kwargs: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``cfg`` to the end; run it again, kill the server at the start of ``kill_round``
+    and resume it with ``resume-from``. Returns (uninterrupted, resumed) results.json
+    contents: equal (:func:`comparable`) for a method whose ``state_dict`` is complete::
+
+        full, resumed = run_and_resume(cfg, 6, kill_round=4, output_dir=str(tmp_path))
+        assert comparable(full) == comparable(resumed)
+    """
+    from client_app import app
+    from flux_app.engine.server import run_server
+
+    base = dict(cfg) | {"output-dir": output_dir}
+    set_task_identity()
+    full, _ = run_server(
+        InProcessGrid(app, base | {"run-name": "full"}, nodes, **grid_kwargs),
+        RunConfig.from_mapping(base | {"run-name": "full"}),
+    )
+    killed = _KillingGrid(app, base | {"run-name": "killed"}, nodes, **grid_kwargs)
+    killed.kill_round = kill_round
+    try:
+        run_server(killed, RunConfig.from_mapping(base | {"run-name": "killed"}))
+    except ServerKilled:
+        pass
+    else:
+        raise AssertionError(f"the run ended before round {kill_round}")
+    again = base | {"run-name": "killed", "resume-from": "killed"}
+    resumed, _ = run_server(
+        InProcessGrid(app, again, nodes, **grid_kwargs), RunConfig.from_mapping(again)
+    )
+    return full, resumed
+
+
 def fake_nodes(
     strategy: S,
     groups: Sequence[int],
@@ -146,6 +203,9 @@ def record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 __all__ = [
     "FAST",
+    "ServerKilled",
+    "comparable",
+    "run_and_resume",
     "config",
     "fake_nodes",
     "grid",

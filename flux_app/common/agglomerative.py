@@ -42,6 +42,8 @@ from scipy.cluster.hierarchy import fcluster
 from scipy.cluster.hierarchy import linkage as scipy_linkage
 from scipy.spatial.distance import squareform
 
+from flux_app.common.statecodec import state_type
+
 __all__ = [
     "LINKAGES",
     "SweepResult",
@@ -144,6 +146,7 @@ def federated_loss(
     return l1 + lam * l2, l1, l2
 
 
+@state_type
 @dataclass(frozen=True)
 class SweepResult:
     """Outcome of :func:`alpha_sweep`.

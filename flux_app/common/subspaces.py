@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flux_app.common.statecodec import state_type
+
 __all__ = [
     "ClassSubspaces",
     "SubspaceError",
@@ -47,6 +49,7 @@ class SubspaceError(ValueError):
     """A subspace payload is malformed (shape, dtype, values or orthonormality)."""
 
 
+@state_type
 @dataclass(frozen=True)
 class ClassSubspaces:
     """Per-class orthonormal bases of one client's data.

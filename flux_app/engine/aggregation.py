@@ -116,6 +116,16 @@ class FlowerAggregator:
         """Extra train-message config for the clients (FedProx: the proximal term)."""
         return {}
 
+    def state_dict(self) -> dict[str, Any]:
+        """What carries over rounds: the server optimisers' moments (for checkpoints)."""
+        return {a: v for a in _CARRIED if (v := getattr(self.strategy, a, None)) is not None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s moments."""
+        for attr, value in state.items():
+            if attr in _CARRIED:
+                setattr(self.strategy, attr, value)
+
     def prepare(self, num_replies: int) -> None:
         """Adjust per-call settings before aggregating ``num_replies`` models."""
 
@@ -167,6 +177,10 @@ class FlowerAggregator:
         ]
         arrays, _ = strategy.aggregate_train(server_round, replies)
         return arrays
+
+
+#: attributes of Flower's strategies that carry over rounds (FedOpt's moments, FedAvgM's momentum)
+_CARRIED = ("m_t", "v_t", "momentum_vector")
 
 
 def _like(reference: State, got: State, states: list[State]) -> State:
@@ -313,6 +327,22 @@ class ClusterAggregation:
     def reset(self) -> None:
         """Forget every cluster's aggregator state (call when clusters are formed anew)."""
         self._per_cluster.clear()
+
+    def state_dict(self) -> dict[int, dict[str, Any]]:
+        """Each cluster's aggregator state (for checkpoints); stateless rules give ``{}``."""
+        out = {}
+        for cid, agg in self._per_cluster.items():
+            keep = getattr(agg, "state_dict", None)
+            out[cid] = keep() if keep is not None else {}
+        return out
+
+    def load_state_dict(self, state: dict[int, dict[str, Any]]) -> None:
+        """Rebuild the per-cluster aggregators from :meth:`state_dict`."""
+        self._per_cluster.clear()
+        for cid, agg_state in state.items():
+            agg = self._per_cluster[int(cid)] = self._factory(self.cfg)
+            if agg_state:
+                agg.load_state_dict(agg_state)
 
 
 __all__ = ["AggregatorConfig", "ClusterAggregation", "FlowerAggregator", "WeightedMean"]

@@ -145,6 +145,10 @@ class RunConfig:
     eval_every: int = 1
     round_timeout: float = 600.0
     min_nodes: int = 0
+    #: write the server state every N complete rounds (and after the last); 0 = never
+    checkpoint_every: int = 1
+    #: a run folder of ``output-dir`` whose checkpoint this run continues
+    resume_from: str = ""
     #: the model's input and output; 0 = from ``dataset`` (see ``model_input``)
     num_classes: int = 0
     image_size: int = 0
@@ -346,6 +350,7 @@ def _validate_common(cfg: RunConfig) -> None:
     _check(0 < cfg.fraction_train <= 1, "fraction-train", cfg.fraction_train, "in (0, 1]")
     _check(cfg.eval_every >= 1, "eval-every", cfg.eval_every, ">= 1")
     _check(cfg.round_timeout > 0, "round-timeout", cfg.round_timeout, "> 0")
+    _check(cfg.checkpoint_every >= 0, "checkpoint-every", cfg.checkpoint_every, ">= 0 (0 = never)")
     if cfg.momentum != "auto":
         _check(float(cfg.momentum) >= 0, "momentum", cfg.momentum, '>= 0 or "auto"')
     _check(cfg.weight_decay >= 0, "weight-decay", cfg.weight_decay, ">= 0")

@@ -90,6 +90,29 @@ class InProcessGrid(Grid):
         self._run = Run.create_empty(run_id=1)
         self.messages_sent = 0
 
+    # ------------------------------------------------------------------ faults
+    def leave(self, partition_id: int) -> int:
+        """The node of ``partition_id`` disconnects (a crashed SuperNode): it is no longer
+        listed and messages to it get no reply. Returns its node id."""
+        node_id = next(n for n, p in self.partition_of.items() if p == partition_id)
+        del self.partition_of[node_id]
+        self.contexts.pop(node_id)
+        return node_id
+
+    def rejoin(self, partition_id: int, num_partitions: int) -> int:
+        """A restarted SuperNode of ``partition_id`` connects with a new node id and fresh
+        state (same data). Returns the new id."""
+        node_id = 1000 + 7 * (max(self.partition_of, default=1000) + 1)
+        self.contexts[node_id] = Context(
+            run_id=1,
+            node_id=node_id,
+            node_config={"partition-id": partition_id, "num-partitions": num_partitions},
+            state=RecordDict(),
+            run_config=self.run_config,
+        )
+        self.partition_of[node_id] = partition_id
+        return node_id
+
     # ------------------------------------------------------------------ Grid API
     def set_run(self, run: Run) -> None:  # noqa: D102
         self._run = run

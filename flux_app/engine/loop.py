@@ -11,7 +11,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from flux_app.engine import metrics
+from flux_app.engine import checkpoint, metrics
 from flux_app.engine.delivery import deliver
 from flux_app.engine.results import FINAL_DEFAULTS
 
@@ -22,13 +22,20 @@ logger = logging.getLogger("flwr")
 
 
 def run_rounds(s: ClusteredStrategy, t_start: float) -> dict[str, Any]:
-    """Set up, run ``num-server-rounds`` rounds and finish (nodes already discovered by
-    ``connect``); returns results.json's content."""
-    s.setup()
+    """Set up (or restore a checkpoint: ``resume-from``), run the rounds up to
+    ``num-server-rounds`` and finish (nodes already discovered by ``connect``); returns
+    results.json's content."""
+    done = 0
+    if s.cfg.resume_from:
+        folder = s.recorder.root if s.recorder is not None else checkpoint.resume_folder(s.cfg)
+        done = checkpoint.restore(s, folder)
+    else:
+        s.setup()
     rounds = s.cfg.num_server_rounds
-    for rnd in range(1, rounds + 1):
+    for rnd in range(done + 1, rounds + 1):
         t0 = time.time()
         s.traffic_counter.start_round()
+        s._transport().start_round()
         admit_new_nodes(s, rnd)
         s.phase = "train"
         s.before_round(rnd)
@@ -47,20 +54,27 @@ def run_rounds(s: ClusteredStrategy, t_start: float) -> dict[str, Any]:
             "bytes_up": s.traffic_counter.round["up"],
             "bytes_down": s.traffic_counter.round["down"],
             "seconds": round(time.time() - t0, 3),
+            "nodes": round_nodes(s),
         }
         s.after_round(rnd, row)
         s.results["rounds"].append(row)
         if s.recorder is not None:
             s.recorder.add_round(row)
         logger.info(
-            "[round %d/%d] phase=%s clusters=%d accuracy=%s seconds=%.1f",
+            "[round %d/%d] phase=%s clusters=%d accuracy=%s seconds=%.1f nodes %d/%d answered",
             rnd,
             rounds,
             row["phase"],
             row["num_clusters"],
             "-" if accuracy is None else f"{accuracy:.4f}",
             row["seconds"],
+            len(row["nodes"]["answered"]),
+            len(row["nodes"]["asked"]),
         )
+        every = s.cfg.checkpoint_every
+        due = every > 0 and (rnd % every == 0 or rnd == rounds)
+        if s.recorder is not None and due and s.checkpoint_ready(rnd):
+            checkpoint.save(s, s.recorder.root, rnd)
     if s.trained == 0:
         errors = sorted(set(s._transport().errors.values()))
         raise RuntimeError(
@@ -88,19 +102,51 @@ def discover(s: ClusteredStrategy, wait_seconds: float = 120.0) -> None:
 
 
 def admit_new_nodes(s: ClusteredStrategy, server_round: int) -> None:
-    """Nodes that connect after the start: held-out ones wait for the end; others are routed
-    to a cluster (hook ``route``) and train from this round on."""
+    """Note who is connected; admit nodes that connect after the start. Held-out ones wait for
+    the end; a node that comes back (same name, new id) keeps its cluster and state; others
+    are routed to a cluster (hook ``route``) and train from this round on."""
     transport = s._transport()
-    new = s.book.unknown(transport.grid.get_node_ids())
+    online = set(transport.grid.get_node_ids())
+    transport.online = online
+    new = s.book.unknown(online)
     if not new:
         return
-    joined = s.book.query(transport, new, server_round)
-    trainers = [n for n in joined if not s.nodes[n].holdout]
-    for node_id, cluster in s.route(trainers, server_round).items():
+    joined = s.book.query(transport, new, server_round, online)
+    fresh = []
+    for node_id in joined:
+        twin = s.book.same_name(node_id)
+        name = s.nodes[node_id].name
+        if twin is not None:  # the namesake is offline (query rejects connected twins)
+            checkpoint.rename_node(s, twin, node_id)
+            logger.info("node %s (%s) is back as node %s", twin, name, node_id)
+        elif name in s.book.departed and s.book.departed[name] in s.models:
+            s.assignment[node_id] = s.book.departed.pop(name)
+            logger.info("node %s (%s) is back -> cluster %s", node_id, name, s.assignment[node_id])
+        elif not s.nodes[node_id].holdout:
+            fresh.append(node_id)
+    for node_id, cluster in s.route(fresh, server_round).items():
         if cluster is None:
             cluster = s.new_cluster_for(node_id)
         s.assignment[node_id] = cluster
         logger.info("node %s joined in round %d -> cluster %s", node_id, server_round, cluster)
+
+
+def round_nodes(s: ClusteredStrategy) -> dict[str, list[str]]:
+    """This round's nodes by name: asked (sent a message), answered (replied, valid or not),
+    offline (known but not connected at the round's start)."""
+    transport = s._transport()
+    log = transport.round_nodes
+    online = transport.online
+    offline = set(log["offline"]) | {n for n in s.nodes if online is not None and n not in online}
+
+    def names(ids: set[int]) -> list[str]:
+        return [s.nodes[n].name if n in s.nodes else f"#{n}" for n in s.ordered(ids)]
+
+    return {
+        "asked": names(log["asked"]),
+        "answered": names(log["answered"]),
+        "offline": names(offline),
+    }
 
 
 def evaluate_round(s: ClusteredStrategy, rnd: int) -> tuple[float | None, float | None]:
@@ -182,4 +228,4 @@ def finish(s: ClusteredStrategy, wall_seconds: float) -> dict[str, Any]:
     return s.results
 
 
-__all__ = ["admit_new_nodes", "discover", "evaluate_round", "finish", "run_rounds"]
+__all__ = ["admit_new_nodes", "discover", "evaluate_round", "finish", "round_nodes", "run_rounds"]

@@ -131,6 +131,14 @@ class NodeBook:
         self.model_input = model_input
         self.info: dict[int, NodeInfo] = {}
         self.excluded: dict[int, str] = {}
+        #: name -> cluster of nodes that left the run (or were not back when it resumed)
+        self.departed: dict[str, int] = {}
+
+    def same_name(self, node_id: int) -> int | None:
+        """Another known node with ``node_id``'s name (a node that came back with a new id,
+        or an impostor), or ``None``."""
+        name = self.info[node_id].name
+        return next((n for n, i in self.info.items() if i.name == name and n != node_id), None)
 
     def ordered(self, node_ids: Iterable[int]) -> list[int]:
         """Nodes by partition id: keeps sampling and averaging order identical across runs."""
@@ -151,9 +159,20 @@ class NodeBook:
         """Of ``node_ids``, those neither known nor excluded."""
         return sorted(n for n in node_ids if n not in self.info and n not in self.excluded)
 
-    def query(self, transport: Transport, node_ids: Iterable[int], server_round: int) -> list[int]:
-        """Ask ``node_ids`` for their info; admit the valid ones; returns the admitted ids."""
+    def query(
+        self,
+        transport: Transport,
+        node_ids: Iterable[int],
+        server_round: int,
+        online: Iterable[int] | None = None,
+    ) -> list[int]:
+        """Ask ``node_ids`` for their info; admit the valid ones; returns the admitted ids.
+
+        A node whose name a connected known node (``online``; default: every known node)
+        already holds is excluded as a duplicate; one whose namesake is offline is admitted
+        (a node that came back: the caller moves its state, :meth:`same_name`)."""
         ids = sorted(node_ids)
+        connected = set(self.info) if online is None else set(online)
         if not ids:
             return []
         got = transport.collect(
@@ -165,7 +184,14 @@ class NodeBook:
             excluded=self.excluded,
             exclude_missing=False,  # a node that has not answered yet is asked again later
         )
+        admitted = []
         for node_id, node in got.items():
+            twin = next((n for n, i in self.info.items() if i.name == node.name), None)
+            if twin is not None and twin in connected:
+                self.excluded[node_id] = f"duplicate: connected node {twin} is {node.name!r}"
+                logger.warning("node %s rejected: %s", node_id, self.excluded[node_id])
+                continue
+            admitted.append(node_id)
             # held out: the last holdout-clients partitions, and every site without labelled
             # training data (it only gets served)
             last = (
@@ -181,7 +207,7 @@ class NodeBook:
                     node.num_skipped,
                 )
             self.info[node_id] = node
-        return list(got)
+        return admitted
 
     def discover(
         self, transport: Transport, min_nodes: int = 0, wait_seconds: float = 120.0
@@ -194,7 +220,7 @@ class NodeBook:
         deadline = time.time() + wait_seconds
         while True:
             present = list(transport.grid.get_node_ids())
-            self.query(transport, self.unknown(present), 0)
+            self.query(transport, self.unknown(present), 0, present)
             expected = min_nodes or max((i.num_partitions for i in self.info.values()), default=1)
             if len(self.info) + len(self.excluded) >= expected:
                 break

@@ -76,6 +76,12 @@ class RunRecorder:
             "clustering": None,
             "final": None,
         }
+        if cfg.resume_from and os.path.isfile(self.results_path):
+            # a resumed run keeps what its folder holds until the checkpoint is restored
+            with open(self.results_path) as fh:
+                kept = json.load(fh)
+            self.data.update({k: v for k, v in kept.items() if k != "run_config"})
+            self.data["final"] = None
         write_json(os.path.join(self.root, "run_config.json"), cfg.to_dict())
         self.flush()
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from flwr.serverapp import Grid
 
+from flux_app.engine.checkpoint import resume_folder
 from flux_app.engine.config import RunConfig
 from flux_app.engine.registry import strategy_class
 from flux_app.engine.results import RunRecorder
@@ -32,7 +33,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any] | RunConfig) -> tuple[d
         The run's output folder.
     """
     cfg = run_config if isinstance(run_config, RunConfig) else RunConfig.from_mapping(run_config)
-    recorder = RunRecorder(cfg)
+    recorder = RunRecorder(cfg, resume_folder(cfg) if cfg.resume_from else None)
     logger.info(
         "flux-app: strategy=%s dataset=%s shift=%s level=%d -> %s",
         cfg.strategy,

@@ -26,6 +26,10 @@ A method is a registered subclass that overrides hooks. The hooks are the whole 
 ``model_for(node)``                  the model a training node is evaluated with
 ``final_metrics()``                  extra entries of results.json's ``final``
 ``save_artifacts(run_dir)``          files the method leaves in the run folder (FLUX's router)
+``state_dict()`` / ``load_state_dict``  the server state of a checkpoint (a method adds its own;
+                                     :class:`~flux_app.engine.checkpoint.ResumableState`)
+``checkpoint_ready(rnd)``            whether the state after ``rnd`` can be resumed without the
+                                     nodes' own state (FedDAG: not between sketch and clustering)
 ===================================  ================================================================
 
 Helpers for methods: ``send``, ``collect`` (send + validate + record exclusions),
@@ -59,6 +63,7 @@ from flux_app.common.records import (
 from flux_app.common.seeding import derive_seed
 from flux_app.engine import metrics
 from flux_app.engine.aggregation import ClusterAggregation
+from flux_app.engine.checkpoint import ResumableState
 from flux_app.engine.config import RunConfig
 from flux_app.engine.loop import discover, run_rounds
 from flux_app.engine.nodes import NodeBook, NodeInfo, sample_nodes
@@ -83,7 +88,7 @@ class Reply:
     num_examples: int = 0
 
 
-class ClusteredStrategy:
+class ClusteredStrategy(ResumableState):
     """Base class of every strategy; see the module docstring for the hooks.
 
     Parameters

@@ -53,6 +53,19 @@ class Transport:
         self.traffic = traffic if traffic is not None else Traffic()
         #: node -> reason of its latest error reply (what a node's own failure was)
         self.errors: dict[int, str] = {}
+        #: this round's nodes: ``asked`` (sent a message), ``answered`` (replied without an
+        #: error, valid or not), ``offline`` (not connected when a message was due: not sent)
+        self.round_nodes: dict[str, set[int]] = {
+            "asked": set(),
+            "answered": set(),
+            "offline": set(),
+        }
+        #: the nodes Flower listed as connected at the round's start (``None``: not known)
+        self.online: set[int] | None = None
+
+    def start_round(self) -> None:
+        """Reset :attr:`round_nodes`."""
+        self.round_nodes = {k: set() for k in self.round_nodes}
 
     def send(
         self, message_type: str, contents: Mapping[int, RecordDict], server_round: int
@@ -63,6 +76,17 @@ class Transport:
         """
         if not contents:
             return {}
+        online = self.online
+        gone = [n for n in contents if online is not None and n not in online]
+        if gone:  # Flower reported them offline at the round's start: do not wait for them
+            logger.warning(
+                "%s: %d node(s) offline, not asked: %s", message_type, len(gone), sorted(gone)
+            )
+            self.round_nodes["offline"].update(gone)
+        contents = {n: c for n, c in contents.items() if n not in gone}
+        if not contents:
+            return {}
+        self.round_nodes["asked"].update(contents)
         messages = []
         for node_id in self.order(list(contents)):
             content = contents[node_id]
@@ -90,6 +114,7 @@ class Transport:
                 )
                 continue
             self.traffic.count(message_type, "up", reply.content)
+            self.round_nodes["answered"].add(src)
             out[src] = reply.content
         missing = set(contents) - set(out)
         if missing:

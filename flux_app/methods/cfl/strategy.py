@@ -71,6 +71,13 @@ class Cfl(ClusteredStrategy):
         self.splits: list[dict[str, Any]] = []
         self.round_norms: dict[int, tuple[float, float]] = {}
 
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {**super().state_dict(), "cfl_splits": self.splits}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        super().load_state_dict(state)
+        self.splits = list(state["cfl_splits"])
+
     def setup(self) -> None:
         """One cluster, every training node in it (recorded so results.json has a clustering)."""
         super().setup()

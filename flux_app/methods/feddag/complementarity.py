@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flux_app.common.statecodec import state_type
+
 __all__ = ["ComplementarityGraph", "class_ranks", "complementarity_graph"]
 
 
@@ -46,6 +48,7 @@ def class_ranks(counts: np.ndarray) -> np.ndarray:
     return ranks
 
 
+@state_type
 @dataclass(frozen=True)
 class ComplementarityGraph:
     """Sources per learner cluster, plus the scores behind them.

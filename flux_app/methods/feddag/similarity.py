@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from flux_app.common.agglomerative import assign_newcomer
+from flux_app.common.statecodec import state_type
 from flux_app.common.subspaces import ClassSubspaces, cross_class_angles, pairwise_class_angles
 from flux_app.methods.feddag.sketch import angle_distance_matrix
 
@@ -120,6 +121,7 @@ def quantity_ratios(counts_a: np.ndarray, counts_b: np.ndarray) -> np.ndarray:
     return ratio
 
 
+@state_type
 @dataclass(frozen=True)
 class WeightScale:
     """How raw ratios became weights: ``fill`` for one-sided classes, then ``[rmin, rmax]`` ->
@@ -338,6 +340,7 @@ def fuse(g: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
     return a + a.T
 
 
+@state_type
 @dataclass(frozen=True)
 class FeddagScales:
     """The constants that put a newcomer's distances on the clustered population's scale."""
@@ -347,6 +350,7 @@ class FeddagScales:
     weights: WeightScale | None  #: quantity-weight scale
 
 
+@state_type
 @dataclass(frozen=True)
 class FeddagDistances:
     """FedDAG distances of one population of clients."""

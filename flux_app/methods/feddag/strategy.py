@@ -59,6 +59,7 @@ from flux_app.common.seeding import derive_seed
 from flux_app.common.subspaces import ClassSubspaces
 from flux_app.engine.registry import register_strategy
 from flux_app.engine.strategy import ClusteredStrategy, Reply
+from flux_app.methods.feddag.checkpoint import FeddagCheckpoint
 from flux_app.methods.feddag.client import SKETCH_HOOK
 from flux_app.methods.feddag.complementarity import ComplementarityGraph
 from flux_app.methods.feddag.config import FeddagConfig
@@ -104,7 +105,7 @@ def read_feddag_reply(
 
 
 @register_strategy("feddag")
-class FedDag(DualPhases, ClusteredStrategy):
+class FedDag(FeddagCheckpoint, DualPhases, ClusteredStrategy):
     """FedDAG on the strategy base (see the module docstring)."""
 
     descriptor_types = (FEDDAG,)

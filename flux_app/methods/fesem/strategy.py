@@ -98,6 +98,13 @@ class Fesem(ClusteredStrategy):
         super().__init__(*args, **kwargs)
         self.centres_ready = False
 
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {**super().state_dict(), "centres_ready": self.centres_ready}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        super().load_state_dict(state)
+        self.centres_ready = bool(state["centres_ready"])
+
     def init_centres(self, server_round: int, replies: list[Reply]) -> None:
         """k-means++ among the round's trained models (see the module docstring)."""
         points = np.stack([flat_params(r.state) for r in replies])

@@ -140,6 +140,7 @@ from sklearn.cluster import DBSCAN
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.neighbors import NearestNeighbors
 
+from flux_app.common.statecodec import state_type
 from flux_app.methods.flux.descriptors import FluxDescriptor
 
 __all__ = [
@@ -265,6 +266,7 @@ def _finalise_scale(spread: float, noise: float, noise_floor: float, magnitude: 
     return float(s)
 
 
+@state_type
 @dataclass
 class BlockNormaliser:
     """Per-block scales and class means for imputation, fitted once on the training clients.
@@ -623,6 +625,7 @@ def knee_point(values: np.ndarray, min_gap: float = KNEE_MIN_GAP) -> int | None:
 # --------------------------------------------------------------------------------------------
 # Clustering
 # --------------------------------------------------------------------------------------------
+@state_type
 @dataclass
 class FluxClustering:
     """Result of :func:`cluster_descriptors`.

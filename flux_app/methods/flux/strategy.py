@@ -64,6 +64,24 @@ class Flux(ClusteredStrategy):
         self.cluster_round: int | None = None
         self.val_history: list[tuple[int, float]] = []
 
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {
+            **super().state_dict(),
+            "flux": {
+                "extractor": self.extractor,
+                "clustering": self.result,
+                "cluster_round": self.cluster_round,
+                "val_history": self.val_history,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        super().load_state_dict(state)
+        own = state["flux"]
+        self.extractor, self.result = own["extractor"], own["clustering"]
+        self.cluster_round = own["cluster_round"]
+        self.val_history = [(int(r), float(a)) for r, a in own["val_history"]]
+
     # ------------------------------------------------------------------ schedule
     def should_cluster(self, server_round: int) -> bool:
         """The trigger: explicit round, accuracy plateau, or the latest allowed round."""

@@ -59,6 +59,13 @@ class Ifca(ClusteredStrategy):
         self.models = {j: self.seeded_model(j) for j in range(k)}
         self.assignment = {n: i % k for i, n in enumerate(self.training_nodes())}
 
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {**super().state_dict(), "selection_bytes_down": self.selection_bytes_down}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        super().load_state_dict(state)
+        self.selection_bytes_down = int(state["selection_bytes_down"])
+
     def select_nodes(self, server_round: int) -> list[int]:
         """The sampled nodes pick their model (argmin train loss); those that replied train."""
         sampled = super().select_nodes(server_round)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flux_app.common.params import clone_state
 from flux_app.engine.registry import register_strategy
 from flux_app.engine.strategy import ClusteredStrategy
@@ -27,6 +29,13 @@ class Oracle(ClusteredStrategy):
             n: self.cluster_of_group[self.nodes[n].group] for n in self.training_nodes()
         }
         self.record_clustering(0)
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {**super().state_dict(), "cluster_of_group": self.cluster_of_group}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        super().load_state_dict(state)
+        self.cluster_of_group = {int(g): int(c) for g, c in state["cluster_of_group"].items()}
 
     def route(self, node_ids: list[int], server_round: int) -> dict[int, int | None]:  # noqa: D102
         return {n: self.cluster_of_group.get(self.nodes[n].group) for n in node_ids}  # -1: None

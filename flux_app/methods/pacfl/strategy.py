@@ -47,6 +47,7 @@ from flwr.app import ConfigRecord, RecordDict
 from flux_app.common.agglomerative import assign_newcomer, threshold_clusters
 from flux_app.common.params import clone_state
 from flux_app.common.records import get_array_record, record_to_arrays
+from flux_app.common.statecodec import NodeList
 from flux_app.common.subspaces import ClassSubspaces, client_span, pacfl_proximity
 from flux_app.engine.registry import register_strategy
 from flux_app.engine.strategy import ClusteredStrategy
@@ -88,6 +89,16 @@ class Pacfl(ClusteredStrategy):
         self.clustered: list[int] = []
         self.labels = np.zeros(0, dtype=np.int64)
         self.spans: list[np.ndarray] = []
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        own = {"threshold": self.threshold, "labels": self.labels, "spans": self.spans}
+        return {**super().state_dict(), "pacfl": own | {"clustered": NodeList(self.clustered)}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        super().load_state_dict(state)
+        own = state["pacfl"]
+        self.threshold, self.labels = own["threshold"], own["labels"]
+        self.spans, self.clustered = list(own["spans"]), list(own["clustered"])
 
     # ------------------------------------------------------------------ the query
     def collect_subspaces(
