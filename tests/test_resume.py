@@ -122,3 +122,65 @@ def test_codec_constructs_only_registered_types():
         decode(tree, {}, lambda name: None)
     with pytest.raises(StateError, match="cannot checkpoint"):
         encode({"f": lambda: 0}, str)
+
+
+class _FlakyGrid:
+    """Builds an in-process grid where partition 1 crashes before round 3 and its restarted
+    SuperNode (new node id, fresh state, same data) connects during round 4."""
+
+    @staticmethod
+    def make(cfg, nodes):
+        from client_app import app
+        from flux_app.engine.inprocess import InProcessGrid, set_task_identity
+
+        class Flaky(InProcessGrid):
+            events: list = []
+
+            def push_messages(self, messages):
+                messages = list(messages)
+                rnd = {m.metadata.group_id for m in messages}
+                if "3" in rnd and 1 in self.partition_of.values() and not self.events:
+                    self.events.append(("left", self.leave(1)))
+                if "4" in rnd and len(self.events) == 1:  # connected before round 5 starts
+                    self.events.append(("back", self.rejoin(1, nodes)))
+                return super().push_messages(messages)
+
+        set_task_identity()
+        return Flaky(app, cfg.to_dict(), nodes)
+
+
+def test_a_lost_node_is_recorded_not_messaged_and_rejoins_its_cluster():
+    from flux_app.engine.server import build_strategy
+    from flux_app.testing import config
+
+    cfg = config(BASE | {"strategy": "flux", "flux-cluster-round": 2, "num-server-rounds": 6})
+    strategy = build_strategy(cfg)
+    grid = _FlakyGrid.make(cfg, 6)
+    results = strategy.start(grid)
+    rows = {r["round"]: r["nodes"] for r in results["rounds"]}
+    (_, old), (_, new) = grid.events
+    assert old != new and new in strategy.nodes and old not in strategy.nodes
+    # round 3 was due before the loss was seen; from round 4 the node is offline, not asked
+    assert "1" not in rows[3]["answered"]
+    assert "1" in rows[4]["offline"] and "1" not in rows[4]["asked"]
+    # back in round 5 under its new id, in its old cluster, training and evaluated again
+    assert all("1" in rows[r]["answered"] for r in (5, 6))
+    assert strategy.assignment[new] == results["clustering"]["assignment"]["1"]  # of round 2
+    assert "1" in results["final"]["accuracy_by_client"]
+    assert strategy.trained > 0 and not results["final"]["excluded_nodes"]
+
+
+def test_a_second_node_claiming_a_connected_nodes_name_is_refused():
+    from client_app import app
+    from flux_app.engine.inprocess import InProcessGrid, set_task_identity
+    from flux_app.engine.server import build_strategy
+    from flux_app.testing import config
+
+    cfg = config(BASE | {"num-server-rounds": 1})
+    set_task_identity()
+    configs = [{"partition-id": i, "num-partitions": 4} for i in range(4)]
+    grid = InProcessGrid(app, cfg.to_dict(), node_configs=configs + [configs[2]])
+    strategy = build_strategy(cfg)
+    results = strategy.start(grid)
+    reasons = list(results["final"]["excluded_nodes"].values())
+    assert len(strategy.nodes) == 4 and len(reasons) == 1 and "duplicate" in reasons[0]

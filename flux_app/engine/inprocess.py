@@ -86,6 +86,7 @@ class InProcessGrid(Grid):
         self.late = dict(late or {})
         self._calls = 0
         self._ids = itertools.count(1)
+        self._rejoined = itertools.count(1)
         self._outbox: dict[str, Message] = {}
         self._run = Run.create_empty(run_id=1)
         self.messages_sent = 0
@@ -102,7 +103,7 @@ class InProcessGrid(Grid):
     def rejoin(self, partition_id: int, num_partitions: int) -> int:
         """A restarted SuperNode of ``partition_id`` connects with a new node id and fresh
         state (same data). Returns the new id."""
-        node_id = 1000 + 7 * (max(self.partition_of, default=1000) + 1)
+        node_id = 1_000_000 + next(self._rejoined)  # never an id seen before
         self.contexts[node_id] = Context(
             run_id=1,
             node_id=node_id,
