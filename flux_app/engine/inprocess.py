@@ -52,6 +52,9 @@ class InProcessGrid(Grid):
         Partition id -> the number of ``get_node_ids`` calls before the node appears.
     """
 
+    #: every reply is computed when pulled: nothing arrives later (no polling needed)
+    answers_at_once = True
+
     def __init__(
         self,
         client_app: ClientApp,
