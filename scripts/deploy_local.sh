@@ -4,7 +4,7 @@
 # `flwr ls` that the run ended as finished:completed, and stop every process this script started.
 #
 # Usage: scripts/deploy_local.sh [-n NODES | --data-dir DIR] [-c 'key=value ...']... [--timeout S]
-#                                [--workdir DIR] [--late-nodes]
+#                                [--workdir DIR] [--late-nodes] [--tls [--auth]] [--before-run CMD]
 #   -n, --nodes N      SuperNodes to start (default 3); node i gets
 #                      --node-config "partition-id=i num-partitions=N"
 #   --data-dir DIR     one SuperNode per DIR/node_* folder, each with its own data:
@@ -14,9 +14,27 @@
 #                      .toml file); added after the demo defaults
 #                      dataset="digits" num-server-rounds=2
 #   --timeout S        seconds the run may take before it is stopped (default 900)
-#   --workdir DIR      folder for logs and the private FLWR_HOME (default: a fresh mktemp folder)
+#   --workdir DIR      folder for logs, keys and the private FLWR_HOME (default: a fresh mktemp
+#                      folder)
 #   --late-nodes       submit the run first and start the SuperNodes afterwards (the ServerApp
 #                      waits for num-partitions nodes itself)
+#   --tls              TLS everywhere: a CA and a server certificate (SAN 127.0.0.1, localhost)
+#                      are made in WORKDIR/pki (openssl, else Python's cryptography); the
+#                      SuperLink serves HTTPS (--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile),
+#                      SuperNodes verify it (--root-certificates pki/ca.crt) and so does `flwr`
+#                      (root-certificates in FLWR_HOME/config.toml)
+#   --auth             (needs --tls) SuperNode authentication: one ECDSA P-384 key pair per node
+#                      in WORKDIR/keys (ssh-keygen, else cryptography), SuperLink started with
+#                      --enable-supernode-auth, every public key registered with
+#                      `flwr supernode register` before any node starts, each SuperNode started
+#                      with --auth-supernode-private-key
+#   --before-run CMD   run `bash -c CMD` after the SuperNodes are up (before them with
+#                      --late-nodes) and before the run is submitted; it sees DEPLOY_SUPERLINK
+#                      (host:port), DEPLOY_CA (the CA certificate, empty without --tls),
+#                      DEPLOY_WORKDIR and FLWR_HOME (connection "deploy"); a failure aborts
+# Without --tls the deployment is plain HTTP without node authentication (--insecure), as before.
+# Every API of the SuperLink (Fleet, Control, ServerAppIo/Runtime: one port in Flower 1.42) and
+# every SuperNode's own API are bound to 127.0.0.1 only.
 # Exit status: 0 only when the run finished:completed.
 set -euo pipefail
 
@@ -28,10 +46,13 @@ TIMEOUT=900
 WORKDIR=""
 LATE_NODES=0
 DATA_DIR=""
+TLS=0
+AUTH=0
+BEFORE_RUN=""
 CONFIGS=()
 
 die() { echo "[deploy] error: $*" >&2; exit 2; }
-usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,38p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -41,10 +62,14 @@ while [ $# -gt 0 ]; do
     --workdir) [ $# -ge 2 ] || die "$1 needs a value"; WORKDIR="$2"; shift 2 ;;
     --late-nodes) LATE_NODES=1; shift ;;
     --data-dir) [ $# -ge 2 ] || die "$1 needs a value"; DATA_DIR="$2"; shift 2 ;;
+    --tls) TLS=1; shift ;;
+    --auth) AUTH=1; shift ;;
+    --before-run) [ $# -ge 2 ] || die "$1 needs a value"; BEFORE_RUN="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac
 done
+[ "$AUTH" = 1 ] && [ "$TLS" = 0 ] && die "--auth needs --tls (Flower refuses SuperNode authentication without TLS)"
 [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$NODES'"
 SITES=()
 if [ -n "$DATA_DIR" ]; then
@@ -144,6 +169,172 @@ trap on_exit EXIT
 trap 'echo "[deploy] interrupted" >&2; exit 130' INT
 trap 'echo "[deploy] terminated" >&2; exit 143' TERM
 
+# ------------------------------------------------------------------ TLS and node keys
+PKI="$WORKDIR/pki"
+KEYS="$WORKDIR/keys"
+CA_CERT=""
+
+make_pki_python() {  # the same four files as the openssl branch, with Python's cryptography
+  "$BIN/python" - "$PKI" <<'EOF_PY'
+import datetime
+import ipaddress
+import os
+import sys
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+out = sys.argv[1]
+now = datetime.datetime.now(datetime.timezone.utc)
+valid = {"not_valid_before": now - datetime.timedelta(minutes=5),
+         "not_valid_after": now + datetime.timedelta(days=30)}
+
+
+def write(name, data, mode):
+    fd = os.open(os.path.join(out, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with open(fd, "wb") as fh:
+        fh.write(data)
+
+
+def key_pem(key):
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def usage(**on):
+    names = ("digital_signature content_commitment key_encipherment data_encipherment "
+             "key_agreement key_cert_sign crl_sign encipher_only decipher_only").split()
+    return x509.KeyUsage(**{n: on.get(n, False) for n in names})
+
+
+ca_key = ec.generate_private_key(ec.SECP256R1())
+srv_key = ec.generate_private_key(ec.SECP256R1())
+ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flux-app deploy CA")])
+ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+ca = (
+    x509.CertificateBuilder(**valid).subject_name(ca_name).issuer_name(ca_name)
+    .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+    .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    .add_extension(usage(key_cert_sign=True, crl_sign=True), critical=True)
+    .add_extension(ca_ski, critical=False)
+    .sign(ca_key, hashes.SHA256())
+)
+srv = (
+    x509.CertificateBuilder(**valid)
+    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+    .issuer_name(ca_name).public_key(srv_key.public_key())
+    .serial_number(x509.random_serial_number())
+    .add_extension(x509.SubjectAlternativeName(
+        [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+        critical=False)
+    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    .add_extension(usage(digital_signature=True), critical=True)
+    .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    .add_extension(x509.SubjectKeyIdentifier.from_public_key(srv_key.public_key()),
+                   critical=False)
+    .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+                   critical=False)
+    .sign(ca_key, hashes.SHA256())
+)
+write("ca.key", key_pem(ca_key), 0o600)
+write("server.key", key_pem(srv_key), 0o600)
+write("ca.crt", ca.public_bytes(serialization.Encoding.PEM), 0o644)
+write("server.crt", srv.public_bytes(serialization.Encoding.PEM), 0o644)
+EOF_PY
+}
+
+make_pki_openssl() {
+  (
+    umask 077
+    cd "$PKI"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+      -subj "/CN=flux-app deploy CA" -keyout ca.key -out ca.crt \
+      -addext "basicConstraints=critical,CA:TRUE" \
+      -addext "keyUsage=critical,keyCertSign,cRLSign"
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+      -subj "/CN=localhost" -keyout server.key -out server.csr
+    printf '%s\n' "subjectAltName=IP:127.0.0.1,DNS:localhost" \
+      "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
+      "extendedKeyUsage=serverAuth" "subjectKeyIdentifier=hash" \
+      "authorityKeyIdentifier=keyid:always" >server.ext
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -days 30 \
+      -set_serial "0x$(openssl rand -hex 8)" -extfile server.ext -out server.crt
+    openssl verify -CAfile ca.crt server.crt
+    rm -f server.csr server.ext
+  ) >"$WORKDIR/logs/pki.log" 2>&1
+}
+
+# WORKDIR/pki: ca.key and server.key stay private; ca.crt is all a site (and `flwr`) needs.
+# FLUX_DEPLOY_PKI_TOOL=python uses the cryptography branch even where openssl exists.
+make_pki() {
+  local tool=openssl
+  mkdir -p "$PKI"
+  chmod 700 "$PKI"
+  rm -f "$PKI"/ca.* "$PKI"/server.*
+  if command -v openssl >/dev/null 2>&1 && [ "${FLUX_DEPLOY_PKI_TOOL:-}" != python ]; then
+    make_pki_openssl || { cat "$WORKDIR/logs/pki.log" >&2; die "openssl could not make the certificates"; }
+  else
+    tool=cryptography
+    make_pki_python || die "Python's cryptography could not make the certificates in $PKI"
+  fi
+  chmod 600 "$PKI/ca.key" "$PKI/server.key"
+  chmod 644 "$PKI/ca.crt" "$PKI/server.crt"
+  CA_CERT="$PKI/ca.crt"
+  echo "[deploy] TLS: CA $CA_CERT and server certificate (SAN IP:127.0.0.1, DNS:localhost), made with $tool"
+}
+
+make_node_key() {  # make_node_key PATH: an ECDSA P-384 key pair in OpenSSH format (PATH, PATH.pub)
+  rm -f "$1" "$1.pub"
+  if command -v ssh-keygen >/dev/null 2>&1 && [ "${FLUX_DEPLOY_PKI_TOOL:-}" != python ]; then
+    ssh-keygen -q -t ecdsa -b 384 -N "" -C "$(basename "$1")" -f "$1" </dev/null >/dev/null
+  else
+    "$BIN/python" - "$1" <<'EOF_PY'
+import os
+import sys
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+path = sys.argv[1]
+key = ec.generate_private_key(ec.SECP384R1())
+private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                            serialization.NoEncryption())
+with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
+    fh.write(private)
+public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                       serialization.PublicFormat.OpenSSH)
+with open(path + ".pub", "wb") as fh:
+    fh.write(public + b" " + os.path.basename(path).encode() + b"\n")
+EOF_PY
+  fi
+}
+
+LINK_SECURITY=(--insecure)
+SCHEME=http
+CURL_TLS=()
+MODE="INSECURE: plain HTTP, no SuperNode authentication (loopback only; --tls [--auth] to secure)"
+if [ "$TLS" = 1 ]; then
+  make_pki
+  LINK_SECURITY=(--ssl-ca-certfile "$PKI/ca.crt" --ssl-certfile "$PKI/server.crt"
+                 --ssl-keyfile "$PKI/server.key")
+  SCHEME=https
+  CURL_TLS=(--cacert "$CA_CERT")
+  MODE="TLS (every connection verified against $CA_CERT), SuperNode authentication OFF"
+fi
+if [ "$AUTH" = 1 ]; then
+  mkdir -p "$KEYS"
+  chmod 700 "$KEYS"
+  for ((i = 0; i < NODES; i++)); do
+    make_node_key "$KEYS/node-$i" || die "could not make the key pair $KEYS/node-$i"
+  done
+  LINK_SECURITY+=(--enable-supernode-auth)
+  MODE="TLS + SuperNode authentication (only the $NODES public keys registered from $KEYS are admitted)"
+  echo "[deploy] auth: $NODES ECDSA P-384 key pairs in $KEYS (node-i private, node-i.pub registered)"
+fi
+echo "[deploy] mode: $MODE"
+
 # ------------------------------------------------------------------ ports
 # NODES+1 distinct free loopback ports, bound together so they cannot repeat.
 read -r -a PORTS <<<"$("$BIN/python" - "$((NODES + 1))" <<'EOF'
@@ -158,44 +349,67 @@ EOF
 )"
 LINK_PORT="${PORTS[0]}"
 
-http_ok() {  # http_ok URL: 0 when the URL answers 2xx
-  curl -fsS -o /dev/null --max-time 1 "$1" 2>/dev/null
+http_ok() {  # http_ok URL: 0 when the URL answers 2xx (over TLS: verified against the CA)
+  curl -fsS -o /dev/null --max-time 1 "${CURL_TLS[@]+"${CURL_TLS[@]}"}" "$1" 2>/dev/null
 }
 
 # ------------------------------------------------------------------ SuperLink
-# Flower 1.42: Fleet, Control and Runtime (ServerAppIo) APIs are all served over HTTP on
-# --host/--port; --fleet-api-address / --control-api-address are deprecated.
+# Flower 1.42 serves the Fleet, Control and Runtime (ServerAppIo) APIs over HTTP(S) on ONE socket,
+# --host/--port (flwr/superlink/cli/flower_superlink.py: --fleet-api-address and
+# --control-api-address are deprecated, --serverappio-api-address is rejected). The Control API
+# has no authentication in open-source Flower, so that socket is bound to 127.0.0.1, which is
+# also the Fleet address the SuperNodes use here. Each SuperNode's own API: 127.0.0.1 too.
 cd "$WORKDIR"  # the SuperLink's working directory (the ServerApp's cwd)
-setsid "$BIN/flower-superlink" --insecure --isolation subprocess \
+setsid "$BIN/flower-superlink" "${LINK_SECURITY[@]}" --isolation subprocess \
   --disable-runtime-dependency-installation \
   --host 127.0.0.1 --port "$LINK_PORT" \
   >"$WORKDIR/logs/superlink.log" 2>&1 </dev/null &
 PIDS+=("$!")
 LINK_PID="$!"
 for _ in $(seq 1 150); do
-  http_ok "http://127.0.0.1:$LINK_PORT/health" && break
+  http_ok "$SCHEME://127.0.0.1:$LINK_PORT/health" && break
   kill -0 "$LINK_PID" 2>/dev/null || {
     tail -n 30 "$WORKDIR/logs/superlink.log" >&2
     die "flower-superlink exited during start-up"
   }
   sleep 0.2
 done
-http_ok "http://127.0.0.1:$LINK_PORT/health" || die "SuperLink not healthy after 30 s"
+http_ok "$SCHEME://127.0.0.1:$LINK_PORT/health" || die "SuperLink not healthy after 30 s"
 echo "[deploy] superlink up on 127.0.0.1:$LINK_PORT (pid $LINK_PID, FLWR_HOME $FLWR_HOME)"
 
+# The `flwr` CLI's connection (flwr/cli/flower_config.py, flwr/cli/typing.py): over TLS it
+# verifies the SuperLink against `root-certificates` (an absolute path; `insecure` defaults to
+# false).
+if [ "$TLS" = 1 ]; then
+  CONNECTION_SECURITY="root-certificates = \"$CA_CERT\""
+else
+  CONNECTION_SECURITY="insecure = true"
+fi
 cat >"$FLWR_HOME/config.toml" <<EOF
 [superlink]
 default = "deploy"
 
 [superlink.deploy]
 address = "127.0.0.1:$LINK_PORT"
-insecure = true
+$CONNECTION_SECURITY
 EOF
+
+# SuperNode authentication: the operator registers every site's public key (through the Control
+# API, flwr/cli/supernode/register.py) BEFORE that site's SuperNode connects.
+if [ "$AUTH" = 1 ]; then
+  for ((i = 0; i < NODES; i++)); do
+    reg="$("$BIN/flwr" supernode register "$KEYS/node-$i.pub" deploy --name "node-$i" \
+      --format json 2>&1)" || { echo "$reg" >&2; die "flwr supernode register failed for node-$i"; }
+    node_id="$(sed -n 's/.*"node-id": *\([0-9][0-9]*\).*/\1/p' <<<"$reg" | head -n 1)"
+    [ -n "$node_id" ] || { echo "$reg" >&2; die "flwr supernode register gave no node id for node-$i"; }
+    echo "[deploy] registered $KEYS/node-$i.pub as SuperNode $node_id"
+  done
+fi
 
 # ------------------------------------------------------------------ SuperNodes
 SUPERNODE_PIDS=()
 start_supernodes() {
-  local i port
+  local i port node_config node_security
   for ((i = 0; i < NODES; i++)); do
     port="${PORTS[$((i + 1))]}"
     if [ "${#SITES[@]}" -gt 0 ]; then
@@ -203,7 +417,10 @@ start_supernodes() {
     else
       node_config="partition-id=$i num-partitions=$NODES"
     fi
-    setsid "$BIN/flower-supernode" --insecure --superlink "127.0.0.1:$LINK_PORT" \
+    node_security=(--insecure)
+    [ "$TLS" = 1 ] && node_security=(--root-certificates "$CA_CERT")
+    [ "$AUTH" = 1 ] && node_security+=(--auth-supernode-private-key "$KEYS/node-$i")
+    setsid "$BIN/flower-supernode" "${node_security[@]}" --superlink "127.0.0.1:$LINK_PORT" \
       --host 127.0.0.1 --port "$port" \
       --node-config "$node_config" \
       >"$WORKDIR/logs/supernode-$i.log" 2>&1 </dev/null &
@@ -252,9 +469,22 @@ if [ "$LATE_NODES" = 0 ]; then
   wait_supernodes
 fi
 
+if [ -n "$BEFORE_RUN" ]; then
+  # in its own session and in PIDS, so that the cleanup also stops whatever it leaves running
+  echo "[deploy] before-run: $BEFORE_RUN"
+  DEPLOY_SUPERLINK="127.0.0.1:$LINK_PORT" DEPLOY_CA="$CA_CERT" DEPLOY_WORKDIR="$WORKDIR" \
+    setsid bash -c "$BEFORE_RUN" </dev/null &
+  HOOK_PID="$!"
+  PIDS+=("$HOOK_PID")
+  hook_rc=0
+  wait "$HOOK_PID" || hook_rc=$?
+  [ "$hook_rc" = 0 ] || { echo "[deploy] --before-run failed (exit $hook_rc)" >&2; exit 1; }
+fi
+
 cd "$ROOT"
 echo "[deploy] flwr run . deploy --stream ${RUN_ARGS[*]}"
 RUN_LOG="$WORKDIR/logs/flwr-run.log"
+: >"$RUN_LOG"  # exists before `tail -f` opens it
 # `flwr run --stream` runs in its own session too, so the cleanup finds it on a timeout/Ctrl-C.
 setsid "$BIN/flwr" run . deploy --stream "${RUN_ARGS[@]}" >"$RUN_LOG" 2>&1 </dev/null &
 FLWR_PID="$!"

@@ -3,7 +3,6 @@ own data folder) runs the app to finished:completed and leaves no process behind
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
@@ -14,27 +13,12 @@ import sys
 
 import pytest
 import torch
+from deploy_helpers import flower_processes_mentioning, kill_all
 
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "deploy_local.sh")
-FLOWER_PROCESSES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")
-
-
-def _flower_processes_mentioning(needles: list[str]) -> list[tuple[int, str]]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(p in cmd for p in FLOWER_PROCESSES) and any(n in cmd for n in needles):
-            found.append((int(pid), cmd))
-    return found
 
 
 def test_deploy_six_sites_with_their_own_data(tmp_path):
@@ -88,10 +72,8 @@ def test_deploy_six_sites_with_their_own_data(tmp_path):
         needles.append(f"127.0.0.1:{link.group(1)}")
     if nodes:
         needles += [f"127.0.0.1:{p}" for p in nodes.group(1).split()]
-    left = _flower_processes_mentioning(needles)
-    for pid, _ in left:  # keep the machine clean even when the assertion below fails
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    left = flower_processes_mentioning(needles)
+    kill_all(left)  # keep the machine clean even when the assertion below fails
 
     assert proc.returncode == 0, output[-4000:]
     assert "[deploy] 6 supernodes up" in output
