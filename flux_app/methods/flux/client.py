@@ -7,7 +7,7 @@ ConfigRecord ``config`` with:
 ``split``       ``train`` (the clustering descriptor) or ``test`` (data met at test time)
 ``proj-dim``    K, rows of the shared-seed projection (0 = number of classes)
 ``proj-seed``   the seed every party uses for the projection
-``dp-clip``, ``dp-noise``, ``dp-mechanism``  optional privacy (see
+``dp-clip``, ``dp-noise``, ``dp-mechanism``, ``dp-seeded-noise``  optional privacy (see
                 :func:`flux_app.methods.flux.descriptors.privatize` for the sensitivity bound)
 
 and gets back ArrayRecord ``descriptor`` (the arrays of :class:`FluxDescriptor`).
@@ -56,6 +56,9 @@ def handle_descriptor(content: RecordDict, rt: ClientRuntime) -> RecordDict:
     )
     noise = float(config.get("dp-noise", 0.0))
     if noise > 0:
-        rng = np.random.default_rng(rt.seed_for("dp", int(config.get("server-round", 0)), split))
+        if bool(config.get("dp-seeded-noise", False)):  # reproducible simulations only
+            rng = np.random.default_rng(rt.seed_for("dp", int(config.get("server-round", 0)), split))
+        else:  # fresh OS entropy: nobody who knows the run's seed can subtract the noise
+            rng = np.random.default_rng()
         desc = privatize(desc, clip, noise, str(config.get("dp-mechanism", "gaussian")), rng)
     return RecordDict({"descriptor": arrays_to_record(desc.to_arrays())})

@@ -38,6 +38,10 @@ class FluxConfig(ConfigSection):
     dp_clip: float = 0.0
     dp_noise: float = 0.0
     dp_mechanism: str = "gaussian"
+    dp_delta: float = 1e-5
+    #: draw descriptor noise from the run's seed (reproducible, NOT private against a server
+    #: that knows the seed: for simulations); default: the node's OS entropy
+    dp_seeded_noise: bool = False
 
     def validate(self) -> None:  # noqa: D102
         self.choice("clusterer", ("hdbscan", "knee-dbscan"))
@@ -53,6 +57,7 @@ class FluxConfig(ConfigSection):
         self.check(0 <= self.missing_penalty < math.inf, "missing_penalty", "a finite number >= 0")
         self.check(0 <= self.dp_clip < math.inf, "dp_clip", "a finite number >= 0")
         self.check(0 <= self.dp_noise < math.inf, "dp_noise", "a finite number >= 0")
+        self.check(0 < self.dp_delta < 1, "dp_delta", "in (0, 1)")
         self.check(
             not (self.dp_noise > 0 and self.dp_clip <= 0),
             "dp_noise",

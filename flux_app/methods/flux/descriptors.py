@@ -42,6 +42,7 @@ __all__ = [
     "MomentAccumulator",
     "compute_flux_descriptor",
     "descriptor_keys",
+    "moment_sensitivity",
     "privatize",
     "projection_matrix",
 ]
@@ -509,6 +510,34 @@ def _noise(
     return x.numpy()
 
 
+def moment_sensitivity(clip_norm: float, n: int, dim: int, mechanism: str) -> tuple[float, float]:
+    """Sensitivities of one group's released mean and raw second moment (see :func:`privatize`).
+
+    Parameters
+    ----------
+    clip_norm : float
+        ``C``: every projected feature vector has L2 norm ``<= C``.
+    n : int
+        Samples in the group (public: it is released exactly).
+    dim : int
+        ``K``, the length of each vector (enters the L1 bound of the mean).
+    mechanism : {"gaussian", "laplace"}
+        ``gaussian``: L2 sensitivities; ``laplace``: L1 sensitivities.
+
+    Returns
+    -------
+    tuple of float
+        ``(mean, second_moment)``: ``(2C/n, sqrt(2) C^2/n)`` in L2, ``(2 sqrt(K) C/n, 2C^2/n)``
+        in L1, under replacement of one of the ``n`` samples.
+    """
+    c = float(clip_norm)
+    if mechanism == "gaussian":
+        return 2.0 * c / n, math.sqrt(2.0) * c * c / n
+    if mechanism == "laplace":
+        return 2.0 * math.sqrt(dim) * c / n, 2.0 * c * c / n
+    raise ValueError(f"mechanism must be 'gaussian' or 'laplace', got {mechanism!r}")
+
+
 def privatize(
     desc: FluxDescriptor,
     clip_norm: float,
@@ -555,6 +584,8 @@ def privatize(
         mechanism with ``sensitivity/std = 1/m``, so the whole descriptor is ``(2/m)``-Gaussian DP,
         i.e. one Gaussian mechanism with noise multiplier ``m/2`` (``m/sqrt(2)`` label-free).
         Laplace: pure ``epsilon = 4/m`` (``2/m`` label-free).
+        Releases compose over a run: :mod:`flux_app.methods.flux.privacy` reports the
+        ``(epsilon, delta)`` of all of them (results.json's ``final.privacy``).
 
     Parameters
     ----------
@@ -598,10 +629,7 @@ def privatize(
 
     def noisy(mu: np.ndarray, sigma: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         m2 = second_moment(mu, sigma, n)
-        if mechanism == "gaussian":
-            s_mu, s_m2 = 2.0 * c / n, math.sqrt(2.0) * c * c / n
-        else:
-            s_mu, s_m2 = 2.0 * math.sqrt(k) * c / n, 2.0 * c * c / n
+        s_mu, s_m2 = moment_sensitivity(c, n, k, mechanism)
         m = float(noise_multiplier)
         mu_n = mu + _noise(mu.shape, m * s_mu, mechanism, generator)
         m2_n = m2 + _noise(m2.shape, m * s_m2, mechanism, generator)

@@ -42,6 +42,7 @@ from flux_app.engine.strategy import ClusteredStrategy
 from flux_app.methods.flux.clustering import FluxClustering, cluster_descriptors, route_many
 from flux_app.methods.flux.config import FluxConfig
 from flux_app.methods.flux.descriptors import FluxDescriptor
+from flux_app.methods.flux.privacy import privacy_report
 from flux_app.methods.flux.router import save_router
 
 logger = logging.getLogger("flwr")
@@ -63,6 +64,9 @@ class Flux(ClusteredStrategy):
         self.result: FluxClustering | None = None
         self.cluster_round: int | None = None
         self.val_history: list[tuple[int, float]] = []
+        #: node name -> descriptors it was asked for, by kind ("full", "label_free"), for
+        #: final.privacy (plain dicts of str and int: a checkpoint can carry them)
+        self.descriptor_releases: dict[str, dict[str, int]] = {}
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {
@@ -72,6 +76,7 @@ class Flux(ClusteredStrategy):
                 "clustering": self.result,
                 "cluster_round": self.cluster_round,
                 "val_history": self.val_history,
+                "descriptor_releases": self.descriptor_releases,
             },
         }
 
@@ -81,6 +86,10 @@ class Flux(ClusteredStrategy):
         self.extractor, self.result = own["extractor"], own["clustering"]
         self.cluster_round = own["cluster_round"]
         self.val_history = [(int(r), float(a)) for r, a in own["val_history"]]
+        self.descriptor_releases = {
+            str(name): {str(k): int(c) for k, c in counts.items()}
+            for name, counts in own.get("descriptor_releases", {}).items()
+        }
 
     # ------------------------------------------------------------------ schedule
     def should_cluster(self, server_round: int) -> bool:
@@ -118,12 +127,21 @@ class Flux(ClusteredStrategy):
             "dp-noise": cfg.dp_noise,
             "dp-mechanism": cfg.dp_mechanism,
         }
+        if cfg.dp_seeded_noise:  # sent only when on: other runs' messages stay byte-identical
+            conf["dp-seeded-noise"] = True
         return RecordDict({"arrays": to_record(self.extractor), "config": ConfigRecord(conf)})
 
     def collect_descriptors(
         self, node_ids: list[int], server_round: int, *, label_free: bool, split: str
     ) -> dict[int, FluxDescriptor]:
-        """Ask nodes for descriptors; keep the valid ones, log a reason for the others."""
+        """Ask nodes for descriptors; keep the valid ones, log a reason for the others.
+
+        Every request counts as a release of the node's data (an upper bound: a reply that was
+        lost or rejected may still have reached the server)."""
+        kind = "label_free" if label_free else "full"
+        for n in node_ids:
+            counts = self.descriptor_releases.setdefault(self.nodes[n].name, {})
+            counts[kind] = counts.get(kind, 0) + 1
         contents = {
             n: self.descriptor_content(server_round, label_free=label_free, split=split)
             for n in node_ids
@@ -215,9 +233,14 @@ class Flux(ClusteredStrategy):
         return out
 
     def final_metrics(self) -> dict[str, Any]:
-        """accuracy_routed: the training nodes' test data routed label-free (test phase)."""
+        """accuracy_routed: the training nodes' test data routed label-free (test phase), and
+        ``privacy``: the (epsilon, delta) of the noisy descriptors (null without noise)."""
         if self.result is None:
-            return {"accuracy_routed": self.results_known(), "cluster_round": None}
+            return {
+                "accuracy_routed": self.results_known(),
+                "cluster_round": None,
+                "privacy": self.privacy(),
+            }
         trainers = [n for n in self.training_nodes() if n in self.last_eval]
         end = self.cfg.num_server_rounds + 1
         routed = self.route(trainers, end)
@@ -242,7 +265,21 @@ class Flux(ClusteredStrategy):
             "accuracy_routed": mean(accs),
             "routing_agreement": float(np.mean(agree)) if agree else None,
             "cluster_round": self.cluster_round,
+            "privacy": self.privacy(),  # after the routing above: it releases descriptors too
         }
+
+    def privacy(self) -> dict[str, Any] | None:
+        """results.json's ``final.privacy`` (:func:`~flux_app.methods.flux.privacy.privacy_report`)
+        for the releases so far; ``None`` when descriptor noise is off."""
+        cfg = self.opts
+        return privacy_report(
+            mechanism=cfg.dp_mechanism,
+            noise_multiplier=cfg.dp_noise,
+            clip_norm=cfg.dp_clip,
+            delta=cfg.dp_delta,
+            releases=self.descriptor_releases,
+            seeded_noise=cfg.dp_seeded_noise,
+        )
 
     def save_artifacts(self, run_dir: str) -> None:
         """``<run>/router/``: everything routing a newcomer offline needs (``flux_app.route``)."""
