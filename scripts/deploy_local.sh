@@ -4,7 +4,8 @@
 # `flwr ls` that the run ended as finished:completed, and stop every process this script started.
 #
 # Usage: scripts/deploy_local.sh [-n NODES | --data-dir DIR] [-c 'key=value ...']... [--timeout S]
-#                                [--workdir DIR] [--late-nodes] [--tls [--auth]] [--before-run CMD]
+#                                [--workdir DIR] [--late-nodes] [--tls [--auth] [--proxy]]
+#                                [--before-run CMD]
 #   -n, --nodes N      SuperNodes to start (default 3); node i gets
 #                      --node-config "partition-id=i num-partitions=N"
 #   --data-dir DIR     one SuperNode per DIR/node_* folder, each with its own data:
@@ -28,13 +29,24 @@
 #                      --enable-supernode-auth, every public key registered with
 #                      `flwr supernode register` before any node starts, each SuperNode started
 #                      with --auth-supernode-private-key
+#   --proxy            (needs --tls) the deployment as on a real server: scripts/fleet_proxy.py
+#                      on a second free loopback port serves HTTPS with the same server
+#                      certificate and forwards only POST /v1/fleet/* to the SuperLink (verified
+#                      against the CA); any other path (/v1/control/, /v1/runtime/, /health, ...)
+#                      gets 403. The SuperNodes connect through the proxy; `flwr` (the operator,
+#                      incl. `flwr supernode register`) uses 127.0.0.1:<superlink port> directly.
+#                      Its log: WORKDIR/logs/fleet-proxy.log (one line per refused request and a
+#                      summary of the forwarded ones when it stops)
 #   --before-run CMD   run `bash -c CMD` after the SuperNodes are up (before them with
 #                      --late-nodes) and before the run is submitted; it sees DEPLOY_SUPERLINK
-#                      (host:port), DEPLOY_CA (the CA certificate, empty without --tls),
-#                      DEPLOY_WORKDIR and FLWR_HOME (connection "deploy"); a failure aborts
+#                      (host:port), DEPLOY_FLEET (host:port the SuperNodes use: the proxy with
+#                      --proxy, else DEPLOY_SUPERLINK), DEPLOY_CA (the CA certificate, empty
+#                      without --tls), DEPLOY_WORKDIR and FLWR_HOME (connection "deploy"); a
+#                      failure aborts
 # Without --tls the deployment is plain HTTP without node authentication (--insecure), as before.
 # Every API of the SuperLink (Fleet, Control, ServerAppIo/Runtime: one port in Flower 1.42) and
-# every SuperNode's own API are bound to 127.0.0.1 only.
+# every SuperNode's own API are bound to 127.0.0.1 only (so is the proxy here; on a real server it
+# listens on the public address: README "Secure deployment").
 # Exit status: 0 only when the run finished:completed.
 set -euo pipefail
 
@@ -48,11 +60,12 @@ LATE_NODES=0
 DATA_DIR=""
 TLS=0
 AUTH=0
+PROXY=0
 BEFORE_RUN=""
 CONFIGS=()
 
 die() { echo "[deploy] error: $*" >&2; exit 2; }
-usage() { sed -n '2,38p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^# Exit status/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -64,12 +77,14 @@ while [ $# -gt 0 ]; do
     --data-dir) [ $# -ge 2 ] || die "$1 needs a value"; DATA_DIR="$2"; shift 2 ;;
     --tls) TLS=1; shift ;;
     --auth) AUTH=1; shift ;;
+    --proxy) PROXY=1; shift ;;
     --before-run) [ $# -ge 2 ] || die "$1 needs a value"; BEFORE_RUN="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac
 done
 [ "$AUTH" = 1 ] && [ "$TLS" = 0 ] && die "--auth needs --tls (Flower refuses SuperNode authentication without TLS)"
+[ "$PROXY" = 1 ] && [ "$TLS" = 0 ] && die "--proxy needs --tls (the Fleet proxy serves and verifies HTTPS only)"
 [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$NODES'"
 SITES=()
 if [ -n "$DATA_DIR" ]; then
@@ -333,11 +348,12 @@ if [ "$AUTH" = 1 ]; then
   MODE="TLS + SuperNode authentication (only the $NODES public keys registered from $KEYS are admitted)"
   echo "[deploy] auth: $NODES ECDSA P-384 key pairs in $KEYS (node-i private, node-i.pub registered)"
 fi
+[ "$PROXY" = 1 ] && MODE="$MODE; SuperNodes through the Fleet-only proxy (scripts/fleet_proxy.py)"
 echo "[deploy] mode: $MODE"
 
 # ------------------------------------------------------------------ ports
-# NODES+1 distinct free loopback ports, bound together so they cannot repeat.
-read -r -a PORTS <<<"$("$BIN/python" - "$((NODES + 1))" <<'EOF'
+# NODES+1 (+1 for the proxy) distinct free loopback ports, bound together so they cannot repeat.
+read -r -a PORTS <<<"$("$BIN/python" - "$((NODES + 1 + PROXY))" <<'EOF'
 import socket, sys
 socks = []
 for _ in range(int(sys.argv[1])):
@@ -348,6 +364,8 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 )"
 LINK_PORT="${PORTS[0]}"
+PROXY_PORT="${PORTS[$((NODES + 1))]:-}"  # the last one, with --proxy
+FLEET_ADDR="127.0.0.1:$LINK_PORT"       # where the SuperNodes connect
 
 http_ok() {  # http_ok URL: 0 when the URL answers 2xx (over TLS: verified against the CA)
   curl -fsS -o /dev/null --max-time 1 "${CURL_TLS[@]+"${CURL_TLS[@]}"}" "$1" 2>/dev/null
@@ -394,6 +412,33 @@ address = "127.0.0.1:$LINK_PORT"
 $CONNECTION_SECURITY
 EOF
 
+# ------------------------------------------------------------------ Fleet proxy
+# The SuperNodes' only way in: POST /v1/fleet/* forwarded to the SuperLink, 403 for the rest
+# (Control and Runtime API included). In its own session, stopped like every other process.
+if [ "$PROXY" = 1 ]; then
+  setsid "$BIN/python" "$ROOT/scripts/fleet_proxy.py" --listen "127.0.0.1:$PROXY_PORT" \
+    --upstream "127.0.0.1:$LINK_PORT" --certfile "$PKI/server.crt" --keyfile "$PKI/server.key" \
+    --ca-certfile "$CA_CERT" >"$WORKDIR/logs/fleet-proxy.log" 2>&1 </dev/null &
+  PIDS+=("$!")
+  PROXY_PID="$!"
+  proxy_code() {  # the HTTP status the proxy gives /health (403 once up; TLS verified)
+    curl -sS -o /dev/null -w '%{http_code}' --max-time 1 --cacert "$CA_CERT" \
+      "https://127.0.0.1:$PROXY_PORT/health" 2>/dev/null || true
+  }
+  for _ in $(seq 1 100); do
+    [ "$(proxy_code)" = 403 ] && break
+    kill -0 "$PROXY_PID" 2>/dev/null || {
+      tail -n 30 "$WORKDIR/logs/fleet-proxy.log" >&2
+      die "scripts/fleet_proxy.py exited during start-up"
+    }
+    sleep 0.2
+  done
+  [ "$(proxy_code)" = 403 ] || die "Fleet proxy not answering on 127.0.0.1:$PROXY_PORT after 20 s"
+  FLEET_ADDR="127.0.0.1:$PROXY_PORT"
+  echo "[deploy] fleet proxy up on $FLEET_ADDR (pid $PROXY_PID) -> 127.0.0.1:$LINK_PORT:" \
+    "SuperNodes connect there (/v1/fleet/ only), flwr uses 127.0.0.1:$LINK_PORT"
+fi
+
 # SuperNode authentication: the operator registers every site's public key (through the Control
 # API, flwr/cli/supernode/register.py) BEFORE that site's SuperNode connects.
 if [ "$AUTH" = 1 ]; then
@@ -420,7 +465,7 @@ start_supernodes() {
     node_security=(--insecure)
     [ "$TLS" = 1 ] && node_security=(--root-certificates "$CA_CERT")
     [ "$AUTH" = 1 ] && node_security+=(--auth-supernode-private-key "$KEYS/node-$i")
-    setsid "$BIN/flower-supernode" "${node_security[@]}" --superlink "127.0.0.1:$LINK_PORT" \
+    setsid "$BIN/flower-supernode" "${node_security[@]}" --superlink "$FLEET_ADDR" \
       --host 127.0.0.1 --port "$port" \
       --node-config "$node_config" \
       >"$WORKDIR/logs/supernode-$i.log" 2>&1 </dev/null &
@@ -444,7 +489,7 @@ wait_supernodes() {  # until every SuperNode logged its node id (= registered wi
     sleep 0.2
   done
   [ "$up" = "$NODES" ] || die "only $up of $NODES SuperNodes registered within 60 s"
-  echo "[deploy] $NODES supernodes up (pids ${SUPERNODE_PIDS[*]}, runtime ports ${PORTS[*]:1})"
+  echo "[deploy] $NODES supernodes up (pids ${SUPERNODE_PIDS[*]}, runtime ports ${PORTS[*]:1:$NODES})"
 }
 
 # ------------------------------------------------------------------ the run
@@ -472,7 +517,8 @@ fi
 if [ -n "$BEFORE_RUN" ]; then
   # in its own session and in PIDS, so that the cleanup also stops whatever it leaves running
   echo "[deploy] before-run: $BEFORE_RUN"
-  DEPLOY_SUPERLINK="127.0.0.1:$LINK_PORT" DEPLOY_CA="$CA_CERT" DEPLOY_WORKDIR="$WORKDIR" \
+  DEPLOY_SUPERLINK="127.0.0.1:$LINK_PORT" DEPLOY_FLEET="$FLEET_ADDR" DEPLOY_CA="$CA_CERT" \
+    DEPLOY_WORKDIR="$WORKDIR" \
     setsid bash -c "$BEFORE_RUN" </dev/null &
   HOOK_PID="$!"
   PIDS+=("$HOOK_PID")

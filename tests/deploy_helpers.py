@@ -1,5 +1,6 @@
-"""Helpers shared by the tests of scripts/deploy_local.sh: find the Flower processes a deployment
-left behind, the TCP sockets a set of processes listens on, and stop a process's session."""
+"""Helpers shared by the tests of scripts/deploy_local.sh: find the Flower processes (and Fleet
+proxies) a deployment left behind, the TCP sockets a set of processes listens on, and stop a
+process's session."""
 
 from __future__ import annotations
 
@@ -9,11 +10,17 @@ import signal
 import subprocess
 import time
 
-FLOWER_PROCESSES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")
+FLOWER_PROCESSES = (
+    "flower-superlink",
+    "flower-supernode",
+    "flower-superexec",
+    "flwr",
+    "fleet_proxy.py",  # scripts/fleet_proxy.py (deploy_local.sh --proxy)
+)
 
 
 def flower_processes_mentioning(needles: list[str]) -> list[tuple[int, str]]:
-    """Live Flower processes whose command line contains one of ``needles``."""
+    """Live Flower processes (and Fleet proxies) whose command line contains one of ``needles``."""
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():

@@ -1,18 +1,30 @@
-"""scripts/deploy_local.sh --tls --auth: one real loopback deployment (1 SuperLink, 2 SuperNodes,
-fedavg on digits, one round) runs to finished:completed over TLS with SuperNode authentication,
-and while it is up the real SuperLink refuses what it must refuse:
+"""scripts/deploy_local.sh --tls --auth --proxy: one real loopback deployment (1 SuperLink, the
+Fleet-only proxy scripts/fleet_proxy.py, 2 SuperNodes, fedavg on digits, one round) runs to
+finished:completed over TLS with SuperNode authentication, the SuperNodes connected through the
+proxy, and while it is up the real SuperLink and the proxy refuse what they must refuse:
 
-(a) the run under TLS + auth completes, with exactly the two registered nodes;
-(b) a SuperNode with a valid TLS trust but an unregistered key is refused at activation (its log
-    and the SuperLink's log say so) and never becomes a node of the federation. Flower 1.42 refuses
-    an unknown key even without --enable-supernode-auth (a node with a key never registers
-    itself), so a third probe, a SuperNode with no key at all, is what shows that authentication
-    is on: without it that node would register itself and join; with it, it is refused;
-(c) a SuperNode that trusts another CA fails the TLS handshake; so does an HTTPS client with that
-    CA, and a plain-HTTP client gets no answer (TLS is really on);
+(a) the run under TLS + auth completes, with exactly the two registered nodes, whose only
+    --superlink is the proxy; the proxy forwarded their Fleet calls (activation, message pulls
+    and pushes, object pushes and pulls: counted in its log);
+(b) a SuperNode (through the proxy) with a valid TLS trust but an unregistered key is refused at
+    activation (its log and the SuperLink's log say so) and never becomes a node of the
+    federation. Flower 1.42 refuses an unknown key even without --enable-supernode-auth (a node
+    with a key never registers itself), so a third probe, a SuperNode with no key at all, is what
+    shows that authentication is on: without it that node would register itself and join; with
+    it, it is refused;
+(c) a SuperNode (through the proxy) that trusts another CA fails the TLS handshake; so does an
+    HTTPS client with that CA, at the SuperLink and at the proxy, and a plain-HTTP client gets no
+    answer from either (TLS is really on);
 (d) the SuperLink's one port (Fleet, Control and ServerAppIo in Flower 1.42) listens on
     127.0.0.1 only: a connection to the same port on 127.0.0.2 (loopback too) is refused, and
-    no process of the deployment listens on any other address.
+    no process of the deployment (proxy included) listens on any other address;
+(e) the proxy serves the Fleet API only: the same Control API request (POST
+    /v1/control/list-runs, what `flwr ls` sends) that the SuperLink answers 200 directly gets 403
+    through the proxy, and so do /v1/runtime/get-nodes, /health and the dot-segment tricks
+    /v1/fleet/../control/list-runs and /v1/fleet/%2e%2e/control/list-runs (a proxy that checks
+    the prefix and lets httpx build the URL would forward the first one as
+    /v1/control/list-runs); `flwr ls` through the proxy fails with the 403, against
+    127.0.0.1:<superlink port> it works; each refusal is in the proxy's log.
 
 The probes start as soon as the SuperLink is up; --before-run holds the run until they are done,
 so nothing races the end of the deployment. Every process started here is stopped here."""
@@ -40,6 +52,7 @@ from deploy_helpers import (
     listening_sockets,
     stop_session,
 )
+from flwr.proto.control_pb2 import ListRunsRequest, ListRunsResponse
 
 pytestmark = pytest.mark.slow
 
@@ -155,11 +168,52 @@ def _get_health(host: str, port: int, context: ssl.SSLContext | None) -> int:
         conn.close()
 
 
+def _post(host: str, port: int, path: str, body: bytes, context: ssl.SSLContext) -> tuple:
+    """(status, body) of an HTTPS POST of a protobuf body, the path sent exactly as given."""
+    conn = http.client.HTTPSConnection(host, port, timeout=10, context=context)
+    try:
+        conn.request(
+            "POST",
+            path,
+            body=body,
+            headers={"content-type": "application/protobuf", "accept": "application/protobuf"},
+        )
+        reply = conn.getresponse()
+        return reply.status, reply.read()
+    finally:
+        conn.close()
+
+
+def _flwr_json(args: list[str], env: dict) -> subprocess.Popen:
+    """A `flwr ... --format json` command, started (the caller collects it)."""
+    return subprocess.Popen(
+        [os.path.join(BIN, "flwr"), *args, "--format", "json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _collect(proc: subprocess.Popen) -> tuple[int, dict | None, str]:
+    """(exit status, parsed JSON or None, raw output) of a _flwr_json command."""
+    out, _ = proc.communicate(timeout=60)
+    try:
+        return proc.returncode, json.loads(out), out
+    except ValueError:
+        return proc.returncode, None, out
+
+
 def _wait_exit(proc: subprocess.Popen, timeout: float) -> int | None:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         return None
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        return fh.read().replace(b"\0", b" ").decode(errors="replace")
 
 
 def test_auth_needs_tls():
@@ -168,6 +222,10 @@ def test_auth_needs_tls():
         ["bash", SCRIPT, "--auth", "-n", "1"], capture_output=True, text=True, timeout=30
     )
     assert done.returncode == 2 and "--auth needs --tls" in done.stderr
+    done = subprocess.run(
+        ["bash", SCRIPT, "--proxy", "-n", "1"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2 and "--proxy needs --tls" in done.stderr
 
 
 def test_tls_auth_deployment_refuses_strangers(tmp_path):
@@ -183,7 +241,8 @@ def test_tls_auth_deployment_refuses_strangers(tmp_path):
         'strategy="fedavg" dataset="digits" num-server-rounds=1 local-epochs=1 device="cpu" '
         f'output-dir="{out_dir}" run-name="secure"'
     )
-    cmd = ["bash", SCRIPT, "--tls", "--auth", "-n", "2", "-c", overrides, "--timeout", "240",
+    cmd = ["bash", SCRIPT, "--tls", "--auth", "--proxy", "-n", "2", "-c", overrides,
+           "--timeout", "240",
            "--workdir", str(workdir), "--before-run", HOLD]  # fmt: skip
     env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}",
                FLWR_HOME=str(probe_dir / "flwr-home"), FLWR_TELEMETRY_ENABLED="0",
@@ -194,14 +253,17 @@ def test_tls_auth_deployment_refuses_strangers(tmp_path):
     out = _Output(proc)
     probes: dict[str, subprocess.Popen] = {}
     probe_ports = _free_ports(3)
-    port = link_pid = None
+    port = link_pid = proxy_port = None
     try:
         link = out.wait_for(r"superlink up on 127\.0\.0\.1:(\d+) \(pid (\d+)", timeout=150)
         port, link_pid = int(link.group(1)), int(link.group(2))
+        proxy = out.wait_for(r"fleet proxy up on 127\.0\.0\.1:(\d+) \(pid (\d+)\)", timeout=60)
+        proxy_port, proxy_pid = int(proxy.group(1)), int(proxy.group(2))
         ca = str(workdir / "pki" / "ca.crt")
 
-        # (b) and (c): three SuperNodes the SuperLink must turn away, started right away
-        common = ["--superlink", f"127.0.0.1:{port}", "--host", "127.0.0.1"]
+        # (b) and (c): three SuperNodes that must be turned away, started right away; they go
+        # through the proxy, as every site does
+        common = ["--superlink", f"127.0.0.1:{proxy_port}", "--host", "127.0.0.1"]
         probe_cmds = {
             "stranger": [
                 "--root-certificates", ca, "--auth-supernode-private-key", str(stranger_key),
@@ -226,10 +288,29 @@ def test_tls_auth_deployment_refuses_strangers(tmp_path):
         trusted = ssl.create_default_context(cafile=ca)
         assert _get_health("127.0.0.1", port, trusted) == 200
         assert _get_health("localhost", port, trusted) == 200
-        with pytest.raises(ssl.SSLCertVerificationError):
-            _get_health("127.0.0.1", port, ssl.create_default_context(cafile=str(other_ca)))
-        with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
-            _get_health("127.0.0.1", port, None)
+        stranger_ca = ssl.create_default_context(cafile=str(other_ca))
+        for p in (port, proxy_port):
+            with pytest.raises(ssl.SSLCertVerificationError):
+                _get_health("127.0.0.1", p, stranger_ca)
+            with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
+                _get_health("127.0.0.1", p, None)
+
+        # (e) the proxy forwards the Fleet API only: the Control API request the SuperLink
+        # answers (200, a ListRunsResponse) gets 403 through the proxy, like the other paths
+        list_runs = ListRunsRequest().SerializeToString()
+        status, body = _post("127.0.0.1", port, "/v1/control/list-runs", list_runs, trusted)
+        assert status == 200, body
+        ListRunsResponse().ParseFromString(body)  # a real answer of the Control API
+        refused_paths = [
+            "/v1/control/list-runs",
+            "/v1/runtime/get-nodes",
+            "/v1/fleet/../control/list-runs",
+            "/v1/fleet/%2e%2e/control/list-runs",
+        ]
+        via_proxy = {
+            p: _post("127.0.0.1", proxy_port, p, list_runs, trusted) for p in refused_paths
+        }
+        health_via_proxy = _get_health("127.0.0.1", proxy_port, trusted)
 
         # (d) the port exists on 127.0.0.1 and nowhere else, not even on 127.0.0.2
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
@@ -240,18 +321,30 @@ def test_tls_auth_deployment_refuses_strangers(tmp_path):
         out.wait_for(r"\[deploy\] before-run:", timeout=150)
         nodes = out.wait_for(r"2 supernodes up \(pids (\d+) (\d+),", timeout=5)
         deployment = descendants(link_pid) + [int(nodes.group(1)), int(nodes.group(2))]
+        node_cmdlines = [_cmdline(int(nodes.group(i))) for i in (1, 2)]
+        deployment.append(proxy_pid)
         listening = listening_sockets(deployment)
         assert any(p == port and pid == link_pid for _, p, pid in listening), listening
+        assert any(p == proxy_port and pid == proxy_pid for _, p, pid in listening), listening
         assert listening and all(addr == "127.0.0.1" for addr, _, _ in listening), listening
 
         codes = {name: _wait_exit(p, timeout=60) for name, p in probes.items()}
         logs = {name: (probe_dir / f"{name}.log").read_text() for name in probes}
         registered = re.findall(r"registered \S+node-\d\.pub as SuperNode (\d+)", out.text())
-        listed = subprocess.run(
-            [os.path.join(BIN, "flwr"), "supernode", "ls", "deploy", "--format", "json"],
-            capture_output=True, text=True, timeout=60,
-            env=dict(env, FLWR_HOME=str(workdir / "flwr-home")),
-        )  # fmt: skip
+        # the operator's `flwr` against 127.0.0.1:<superlink port> (the deployment's connection)
+        # and against the proxy (a connection of its own, same CA), side by side
+        (probe_dir / "flwr-home").mkdir(exist_ok=True)
+        (probe_dir / "flwr-home" / "config.toml").write_text(
+            f'[superlink]\ndefault = "via-proxy"\n\n[superlink.via-proxy]\n'
+            f'address = "127.0.0.1:{proxy_port}"\nroot-certificates = "{ca}"\n'
+        )
+        operator_env = dict(env, FLWR_HOME=str(workdir / "flwr-home"))
+        flwr_cmds = {
+            "supernode ls": _flwr_json(["supernode", "ls", "deploy"], operator_env),
+            "ls direct": _flwr_json(["ls", "deploy"], operator_env),
+            "ls via proxy": _flwr_json(["ls", "via-proxy"], env),
+        }
+        flwr_out = {name: _collect(p) for name, p in flwr_cmds.items()}
         (workdir / "hold-go").touch()
 
         try:
@@ -273,8 +366,7 @@ def test_tls_auth_deployment_refuses_strangers(tmp_path):
                 proc.kill()
                 proc.wait(timeout=30)
         needles = [str(workdir), str(probe_dir)] + [f"127.0.0.1:{p}" for p in probe_ports]
-        if port:
-            needles.append(f"127.0.0.1:{port}")
+        needles += [f"127.0.0.1:{p}" for p in (port, proxy_port) if p]
         left = flower_processes_mentioning(needles)
         kill_all(left)  # keep the machine clean even when an assertion below fails
     output = out.finish()
@@ -290,9 +382,41 @@ def test_tls_auth_deployment_refuses_strangers(tmp_path):
     assert "root-certificates" in config and "insecure" not in config
     final = json.loads((out_dir / "secure" / "results.json").read_text())["final"]
     assert sorted(final["accuracy_by_client"]) == ["0", "1"]
-    assert listed.returncode == 0, listed.stdout + listed.stderr
-    online = {n["node-id"]: n["status"] for n in json.loads(listed.stdout)["nodes"]}
+    rc, listed, raw = flwr_out["supernode ls"]
+    assert rc == 0 and listed and listed.get("success", True), raw
+    online = {n["node-id"]: n["status"] for n in listed["nodes"]}
     assert len(registered) == 2 and online == {i: "online" for i in registered}, online
+    # ... and they reached the SuperLink through the proxy only, which forwarded their calls
+    for cmdline in node_cmdlines:
+        assert f"--superlink 127.0.0.1:{proxy_port} " in cmdline, cmdline
+    assert f"127.0.0.1:{port}" not in " ".join(node_cmdlines)
+    proxy_log = (workdir / "logs" / "fleet-proxy.log").read_text()
+    summary = re.search(r"stopped: forwarded (\d+) requests \(([^)]*)\); refused (\d+)", proxy_log)
+    assert summary, proxy_log[-3000:]
+    forwarded = {k: int(n) for k, n in re.findall(r"(/v1/fleet/[\w-]+) (\d+)", summary.group(2))}
+    assert forwarded.get("/v1/fleet/activate-node", 0) >= 2, forwarded
+    for call in ("pull-messages", "push-messages", "push-object", "pull-object", "get-run"):
+        assert forwarded.get(f"/v1/fleet/{call}", 0) >= 1, forwarded
+    assert not any(p.startswith(("/v1/control", "/v1/runtime")) for p in forwarded), forwarded
+
+    # (e) what the proxy refused: the Control API request the SuperLink itself answered, the
+    # Runtime API, /health, the dot-segment paths; `flwr ls` fails through it, works directly
+    for path, (status, body) in via_proxy.items():
+        assert status == 403 and body.startswith(b"403 Forbidden"), (path, status, body)
+    assert health_via_proxy == 403
+    for path in refused_paths + ["/health"]:
+        line = re.escape(f"'{path}' from 127.0.0.1:") + r"\d+: 403"
+        assert re.search(r"WARNING fleet_proxy: refused (POST|GET) " + line, proxy_log), path
+    rc, direct, raw = flwr_out["ls direct"]
+    assert rc == 0 and direct and direct["success"] is True and "runs" in direct, raw
+    rc, proxied, raw = flwr_out["ls via proxy"]  # `--format json` exits 0 on errors too
+    assert proxied and proxied["success"] is False and "runs" not in proxied, raw
+    assert "403 Forbidden" in proxied["error-message"], raw
+    assert "/v1/control/list-runs" in proxied["error-message"], raw
+    refusals = re.findall(r"refused (\w+) '([^']*)' from", proxy_log)
+    assert refusals.count(("POST", "/v1/control/list-runs")) >= 2, refusals  # probe + flwr ls
+    # nothing the Fleet API needs was refused (every refusal is one of the probes above)
+    assert {p for _, p in refusals} <= set(refused_paths) | {"/health"}, refusals
 
     # (b) the unregistered key: refused by the SuperLink at activation, the node gave up
     assert codes["stranger"] not in (0, None), logs["stranger"]
