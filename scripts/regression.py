@@ -131,13 +131,19 @@ def main() -> int:
     mode.add_argument("--record", action="store_true")
     mode.add_argument("--check", action="store_true")
     ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument(
+        "--pinned",
+        default=PINNED,
+        help="the results file to record into / check against (results depend on the CPU's "
+        "float kernels: pin on the machine that checks)",
+    )
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     args = ap.parse_args()
     settings = [s for s in args.settings.split(",") if s]
     strategies = tuple(s for s in args.strategies.split(",") if s)
     pinned: dict[str, Any] = {}
-    if os.path.exists(PINNED):
-        with open(PINNED) as f:
+    if os.path.exists(args.pinned):
+        with open(args.pinned) as f:
             pinned = json.load(f)
     diffs = 0
     for setting in settings:
@@ -151,10 +157,10 @@ def main() -> int:
                 diffs += 1
                 print(f"[regression] DIFFERENT: {setting} {s}\n  pinned {want}\n  now    {got[s]}")
     if args.record:
-        os.makedirs(os.path.dirname(PINNED), exist_ok=True)
-        with open(PINNED, "w") as f:
+        os.makedirs(os.path.dirname(args.pinned), exist_ok=True)
+        with open(args.pinned, "w") as f:
             json.dump(pinned, f, indent=1, sort_keys=True)
-        print(f"[regression] wrote {PINNED}")
+        print(f"[regression] wrote {args.pinned}")
         return 0
     print(f"[regression] {diffs} difference(s)")
     return 1 if diffs else 0

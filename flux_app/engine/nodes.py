@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -185,7 +186,14 @@ class NodeBook:
             exclude_missing=False,  # a node that has not answered yet is asked again later
         )
         admitted = []
+        claims = Counter(node.name for node in got.values())
         for node_id, node in got.items():
+            if claims[node.name] > 1:  # which of them is the real one cannot be told: none
+                self.excluded[node_id] = (
+                    f"duplicate: {claims[node.name]} nodes answered as {node.name!r} at once"
+                )
+                logger.warning("node %s rejected: %s", node_id, self.excluded[node_id])
+                continue
             twin = next((n for n, i in self.info.items() if i.name == node.name), None)
             if twin is not None and twin in connected:
                 self.excluded[node_id] = f"duplicate: connected node {twin} is {node.name!r}"
