@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from flux_app.common.records import from_record
-from flux_app.engine.config import RunConfig
+from flux_app.engine.config import ConfigError, RunConfig
 from flux_app.engine.inprocess import InProcessGrid, run_inprocess
 from flux_app.engine.server import build_strategy
 from flux_app.testing import grid
@@ -245,3 +245,28 @@ def test_evaluate_metrics_out_of_range_are_rejected(small_run):
 
 def _silent(reply: Message) -> Message | None:
     return None if reply.metadata.message_type == "train" else reply
+
+
+def test_fraction_evaluate_samples_nodes_and_the_last_round_evaluates_all():
+    from flux_app.engine.server import build_strategy
+    from flux_app.testing import FAST, config, grid
+
+    cfg = config(
+        FAST | {"num-server-rounds": 3, "fraction-evaluate": 0.25, "min-evaluate-nodes": 3}
+    )
+    strategy = build_strategy(cfg)
+    asked: list[list[int]] = []
+    evaluate = strategy.evaluate_nodes
+
+    def counting(states, server_round):
+        asked.append(sorted(states))
+        return evaluate(states, server_round)
+
+    strategy.evaluate_nodes = counting
+    results = strategy.start(grid(cfg, 8))
+    sizes = [len(a) for a in asked[:3]]
+    assert sizes == [3, 3, 8]  # 0.25 * 8 = 2 < min-evaluate-nodes 3; all 8 in the last round
+    assert asked[0] != asked[1]  # a fresh seeded sample per round
+    assert len(results["final"]["accuracy_by_client"]) == 8
+    with pytest.raises(ConfigError, match="fraction-evaluate"):
+        config(FAST | {"fraction-evaluate": 0.0})

@@ -137,6 +137,9 @@ class RunConfig:
     batch_size: int = 64
     val_fraction: float = 0.2
     fraction_train: float = 1.0
+    #: share of the assigned nodes evaluated in a round (the last round evaluates all)
+    fraction_evaluate: float = 1.0
+    min_evaluate_nodes: int = 1
     model: str = "auto"
     seed: int = 0
     device: str = "auto"
@@ -348,6 +351,10 @@ def _validate_common(cfg: RunConfig) -> None:
     _check(cfg.batch_size >= 1, "batch-size", cfg.batch_size, ">= 1")
     _check(0 <= cfg.val_fraction < 1, "val-fraction", cfg.val_fraction, "in [0, 1)")
     _check(0 < cfg.fraction_train <= 1, "fraction-train", cfg.fraction_train, "in (0, 1]")
+    _check(
+        0 < cfg.fraction_evaluate <= 1, "fraction-evaluate", cfg.fraction_evaluate, "in (0, 1]"
+    )
+    _check(cfg.min_evaluate_nodes >= 1, "min-evaluate-nodes", cfg.min_evaluate_nodes, ">= 1")
     _check(cfg.eval_every >= 1, "eval-every", cfg.eval_every, ">= 1")
     _check(cfg.round_timeout > 0, "round-timeout", cfg.round_timeout, "> 0")
     _check(cfg.checkpoint_every >= 0, "checkpoint-every", cfg.checkpoint_every, ">= 0 (0 = never)")

@@ -11,8 +11,10 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from flux_app.common.seeding import derive_seed
 from flux_app.engine import checkpoint, metrics
 from flux_app.engine.delivery import deliver
+from flux_app.engine.nodes import sample_nodes
 from flux_app.engine.results import FINAL_DEFAULTS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -150,8 +152,14 @@ def round_nodes(s: ClusteredStrategy) -> dict[str, list[str]]:
 
 
 def evaluate_round(s: ClusteredStrategy, rnd: int) -> tuple[float | None, float | None]:
-    """Evaluate every assigned node with its model; note each node's best accuracy."""
-    s.last_eval = s.evaluate_nodes({n: s.model_for(n) for n in s.assignment}, rnd)
+    """Evaluate the assigned nodes (a ``fraction-evaluate`` sample, all in the last round) with
+    their models; note each node's best accuracy."""
+    nodes = s.ordered(s.assignment)
+    fraction = s.cfg.fraction_evaluate
+    if fraction < 1 and rnd < s.cfg.num_server_rounds and nodes:
+        share = max(fraction, min(1.0, s.cfg.min_evaluate_nodes / len(nodes)))
+        nodes = sample_nodes(nodes, share, derive_seed(s.cfg.seed, "sample-evaluate", rnd))
+    s.last_eval = s.evaluate_nodes({n: s.model_for(n) for n in nodes}, rnd)
     accuracy = metrics.mean(m["accuracy"] for m in s.last_eval.values())
     val_accuracy = metrics.mean(m.get("val-accuracy") for m in s.last_eval.values())
     if s.counts_for_best(rnd):
