@@ -30,13 +30,16 @@ def scores_content(states: list[State], server_round: int, split: str = "train")
 
 
 def read_losses(content: RecordDict, k: int) -> np.ndarray:
-    """The ``k`` losses of a ``query.scores`` reply, or :class:`ReplyError`."""
+    """The ``k`` losses of a ``query.scores`` reply, or :class:`ReplyError` (not a list of
+    ``k`` numbers, non-finite, or negative: a cross-entropy loss is ``>= 0``)."""
     losses = get_metric(content, "metrics", "losses")
     if not isinstance(losses, list) or len(losses) != k:
-        raise ReplyError(f"expected {k} losses, got {losses!r}")
+        raise ReplyError(f"expected {k} losses, got {str(losses)[:80]}")
     arr = np.asarray(losses, dtype=np.float64)
     if not np.all(np.isfinite(arr)):
         raise ReplyError("non-finite loss")
+    if np.any(arr < 0):
+        raise ReplyError(f"negative loss {float(arr.min())!r}")
     return arr
 
 

@@ -58,6 +58,7 @@ from flux_app.common.records import (
     from_record,
     get_array_record,
     get_metric,
+    metric_number,
     to_record,
 )
 from flux_app.common.seeding import derive_seed
@@ -160,6 +161,7 @@ class ClusteredStrategy(ResumableState):
         if not float(n).is_integer() or n <= 0 or (announced is not None and n > announced):
             # a node's weight in an average is bounded by the train size its info announced
             raise ReplyError(f"num-examples is {n!r} (announced train size {announced})")
+        metric_number(reply.content, "metrics", "train-loss", low=0.0, required=False)
         return state, int(n)
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> None:
@@ -348,11 +350,14 @@ class ClusteredStrategy(ResumableState):
 
 
 def _eval_metrics(node_id: int, content: RecordDict) -> dict[str, float]:
-    """An evaluate reply's metrics (it must carry a numeric ``accuracy``)."""
-    out = dict(content.metric_records["metrics"])
-    if not 0.0 <= float(out["accuracy"]) <= 1.0:  # NaN fails too
-        raise ValueError(f"accuracy {out['accuracy']!r} outside [0, 1]")
-    return out
+    """An evaluate reply's metrics: a number ``accuracy`` in [0, 1]; ``val-accuracy`` (when
+    sent) in [0, 1] and ``loss`` / ``val-loss`` (when sent) finite and >= 0, since the round
+    rows, best-over-rounds and FLUX's plateau trigger read them."""
+    metric_number(content, "metrics", "accuracy", low=0.0, high=1.0)
+    metric_number(content, "metrics", "val-accuracy", low=0.0, high=1.0, required=False)
+    for key in ("loss", "val-loss"):
+        metric_number(content, "metrics", key, low=0.0, required=False)
+    return dict(content.metric_records["metrics"])
 
 
 __all__ = ["ClusteredStrategy", "NodeInfo", "Reply"]

@@ -104,6 +104,15 @@ IID guard ("no structure -> one cluster")
     ``K``), where single extreme points can exceed 4 by chance. The threshold was chosen from
     these synthetic arguments only, not tuned on benchmark results.
 
+    Noisy members (a crafted descriptor's lever): the variance of an unweighted centroid is
+    dominated by its noisiest member, so one client claiming a tiny ``n`` (or a huge ``sigma``)
+    could make two well-separated groups look alike and have them merged. The guard's
+    centroids therefore weight each client ``w_i = min(1, NOISE_WEIGHT_CAP * median_j V_j / V_i)``
+    (``V_i`` = its total sampling variance), with ``c_p = sum w_i x_i / sum w_i`` and
+    ``Var(c_pj) = sum w_i^2 v_ij / (sum w_i)^2``: exactly the unweighted statistic while every
+    client's noise is within ``NOISE_WEIGHT_CAP`` (20) times the median's, and a client beyond it
+    adds at most what a client at that bound would add, wherever it sits.
+
     ``lambda`` (noise inflation) is estimated from the data: the median over clients in clusters of
     size >= 2 of ``||x_i - c_p||^2 / E||x_i - c_p||^2`` (divided by the chi-square median so it is
     1 under the model), clipped to ``[1, 10]``. It absorbs heavier-than-Gaussian tails, duplicated
@@ -167,6 +176,10 @@ GUARD_ALPHA = 0.01
 KNEE_MIN_GAP = 0.05
 #: Cap of the estimated noise inflation of the IID guard.
 MAX_INFLATION = 10.0
+#: A client whose own descriptor noise (the sum of its embedding's sampling variances) exceeds
+#: this many times the median client's enters the IID guard's cluster centroids with weight
+#: ``NOISE_WEIGHT_CAP * median / its noise`` instead of 1 (see :func:`_guard_weights`).
+NOISE_WEIGHT_CAP = 20.0
 _TINY = 1e-12
 
 
@@ -761,6 +774,32 @@ def _run_knee_dbscan(x: np.ndarray, notes: list[str]) -> np.ndarray:
     return np.asarray(DBSCAN(eps=eps, min_samples=2).fit_predict(x), dtype=np.int64)
 
 
+def _guard_weights(v: np.ndarray, cap: float | None = None) -> np.ndarray | None:
+    """Per-client weights of the IID guard's centroids, ``None`` when all are 1.
+
+    Parameters
+    ----------
+    v : np.ndarray
+        ``[m, d]`` sampling variances of the clients' embeddings.
+    cap : float, optional
+        A client's total variance counts at most ``cap`` times the median client's (default
+        :data:`NOISE_WEIGHT_CAP`).
+
+    Returns
+    -------
+    np.ndarray or None
+        ``[m]`` weights ``min(1, cap * median(V) / V_i)`` with ``V_i = sum_j v_ij``; ``None``
+        when every weight is 1 (the guard's unweighted statistic, bit for bit).
+    """
+    cap = NOISE_WEIGHT_CAP if cap is None else cap
+    total = v.sum(axis=1)
+    limit = cap * float(np.median(total))
+    if not np.any(total > limit) or limit <= 0:
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(total > limit, limit / total, 1.0)
+
+
 def _iid_guard(
     x: np.ndarray,
     v: np.ndarray,
@@ -795,6 +834,16 @@ def _iid_guard(
     if inflation > 1.0 + 1e-9:
         notes.append(
             f"IID guard: descriptor noise inflated by {inflation:.2f} (within-cluster residuals)"
+        )
+    # The merge statistic's centroids: noisy clients down-weighted (_guard_weights).
+    w = _guard_weights(v)
+    if w is not None:
+        sums, _ = _cluster_sums(x * w[:, None], labels, z)
+        vsum, _ = _cluster_sums(v * (w**2)[:, None], labels, z)
+        sizes = np.bincount(labels, weights=w, minlength=z).astype(np.float64)
+        notes.append(
+            f"IID guard: {int(np.sum(w < 1))} client(s) with noise above {NOISE_WEIGHT_CAP:g}x "
+            "the median down-weighted"
         )
     n_pairs = max(1, z * (z - 1) // 2)
     alive = np.ones(z, dtype=bool)
