@@ -39,7 +39,10 @@ def flower_env(flwr_home: str) -> dict[str, str]:
         FLWR_DISABLE_UPDATE_CHECK="1",
         HF_DATASETS_OFFLINE="1",
         HF_HUB_OFFLINE="1",
-        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+        # an actor that reserved no GPU (client-resources-num-gpus = 0) must not see one: Ray
+        # hides it (CUDA_VISIBLE_DEVICES="") only while this is on; "0" let every CPU actor
+        # with device="auto" land on cuda:0 unreserved
+        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="1",
     )
     bin_dir = os.path.dirname(sys.executable)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")

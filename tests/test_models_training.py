@@ -79,6 +79,25 @@ def test_training_learns_and_is_deterministic():
     )
 
 
+def test_train_loss_is_the_float64_mean_of_the_step_losses():
+    # the loss is summed on the device (no sync per step); it must equal a host-side float sum
+    from flux_app.common.training import batches
+
+    x, y = _blobs()
+    got = train(build_model("lenet5", (1, 28, 28), 2, seed=1), x, y, epochs=2, lr=0.05, seed=5)
+    model = build_model("lenet5", (1, 28, 28), 2, seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen, losses = torch.Generator().manual_seed(5), []
+    for _ in range(2):
+        for xb, yb in batches(x, y, 64, shuffle=True, generator=gen):
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+    assert got.steps == len(losses) and got.loss == sum(losses) / len(losses)
+
+
 def test_frozen_parts_stay_bit_identical():
     x, y = _blobs()
     model = build_model("lenet5", (1, 28, 28), 2, dual=True, seed=1)
