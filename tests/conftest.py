@@ -14,6 +14,13 @@ if ROOT not in sys.path:  # client_app / server_app live at the repository root
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+if "FLUX_APP_PARTITION_CACHE" not in os.environ:  # the suite's own cache, not the user's
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["FLUX_APP_PARTITION_CACHE"] = tempfile.mkdtemp(prefix="flux-partitions-")
+    atexit.register(shutil.rmtree, os.environ["FLUX_APP_PARTITION_CACHE"], True)
 
 
 @pytest.fixture(autouse=True)

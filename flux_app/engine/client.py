@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -43,7 +43,7 @@ from flux_app.common.models import build_model, is_dual
 from flux_app.common.records import from_record, get_array_record, to_record
 from flux_app.common.seeding import derive_seed
 from flux_app.common.training import evaluate, resolve_device, train
-from flux_app.data import ClientData, ShiftSpec, load_source, make_client_data
+from flux_app.data import ClientData, ShiftSpec, load_source, make_client_data, partition_cache
 from flux_app.data.folder import FolderData, load_folder
 from flux_app.engine.config import RunConfig
 from flux_app.engine.registry import TRAIN_HOOKS, register_query
@@ -81,8 +81,21 @@ def _partition(
     num_partitions: int,
     partition_id: int,
 ) -> ClientData:
-    source = load_source(dataset, data_root, spec.seed)
-    return make_client_data(source, spec, num_partitions, partition_id)
+    """A simulated partition: from the node's disk cache when it was built before (a new
+    ClientApp process per message must not rebuild it), else built and cached."""
+
+    def build() -> ClientData:
+        source = load_source(dataset, data_root, spec.seed)
+        return make_client_data(source, spec, num_partitions, partition_id)
+
+    definition = {
+        "dataset": dataset,
+        "data_root": data_root,
+        "spec": asdict(spec),
+        "num_partitions": num_partitions,
+        "partition_id": partition_id,
+    }
+    return partition_cache.load_or_build(definition, build)
 
 
 def shift_spec(cfg: RunConfig) -> ShiftSpec:
