@@ -224,12 +224,28 @@ def wait_until(pred: Any, seconds: float, what: str) -> None:
         time.sleep(0.5)
 
 
+def run_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The drill's run-config (the same for the deployment and the in-process reference)."""
+    return {
+        "strategy": args.strategy,
+        "dataset": "digits",
+        "num-server-rounds": args.rounds,
+        "flux-cluster-round": 2,
+        "feddag-warmup-rounds": 1,
+        "feddag-warmup-epochs": 1,
+        "cfl-min-round": 2,
+        "local-epochs": args.local_epochs,
+    }
+
+
 def run_config(name: str, out: str, args: argparse.Namespace) -> str:
-    return (
-        f'strategy="flux" dataset="digits" num-server-rounds={args.rounds} flux-cluster-round=2 '
-        f"local-epochs={args.local_epochs} round-timeout={args.round_timeout} "
-        f'run-name="{name}" output-dir="{out}"'
-    )
+    """``flwr run --run-config`` text of :func:`run_values` plus timeout, name and folder."""
+    values = run_values(args) | {
+        "round-timeout": args.round_timeout,
+        "run-name": name,
+        "output-dir": out,
+    }
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
 def node_loss(link: Loopback, out: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -296,12 +312,7 @@ def server_crash(link: Loopback, out: str, args: argparse.Namespace) -> dict[str
     # the same run, uninterrupted, in this process (same code, same partitions)
     from flux_app.engine.inprocess import run_inprocess
 
-    ref_cfg = {
-        "strategy": "flux",
-        "dataset": "digits",
-        "num-server-rounds": args.rounds,
-        "flux-cluster-round": 2,
-        "local-epochs": args.local_epochs,
+    ref_cfg = run_values(args) | {
         "output-dir": os.path.join(out, "reference"),
         "run-name": "uninterrupted",
     }
@@ -329,23 +340,32 @@ def server_crash(link: Loopback, out: str, args: argparse.Namespace) -> dict[str
     }
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The drill's options (``argv``: default the command line)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--round-timeout", type=float, default=60.0)
     p.add_argument("--local-epochs", type=int, default=3)
+    p.add_argument("--strategy", default="flux", help="the method both drills run")
     p.add_argument("--kill-node-round", type=int, default=3)
     p.add_argument("--kill-server-round", type=int, default=4)
     p.add_argument("--report", default="")
+    p.add_argument("--workdir", default="", help="default: a fresh temporary folder")
     p.add_argument("--only", choices=("node-loss", "server-crash"), default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if (
         not 2 <= args.kill_node_round < args.rounds
         or not 2 <= args.kill_server_round <= args.rounds
     ):
         p.error("kill rounds must lie in 2..rounds-1 (node) / 2..rounds (server)")
-    workdir = tempfile.mkdtemp(prefix="flux-drill-")
+    return args
+
+
+def run_drill(args: argparse.Namespace) -> dict[str, Any]:
+    """Both drills (or ``--only`` one) on a fresh loopback deployment; the report, with
+    ``failed`` listing the checks that did not hold. Every process started is stopped."""
+    workdir = args.workdir or tempfile.mkdtemp(prefix="flux-drill-")
     out = os.path.join(workdir, "outputs")
     link = Loopback(workdir, args.nodes)
     report: dict[str, Any] = {
@@ -363,19 +383,24 @@ def main() -> int:
     finally:
         link.stop()
         report["seconds"] = round(time.time() - t0, 1)
-    failed = [
+    report["failed"] = [
         f"{drill}: {name}"
         for drill in ("node_loss", "server_crash")
         for name, ok in report.get(drill, {}).get("checks", {}).items()
         if not ok
     ]
-    report["failed"] = failed
+    return report
+
+
+def main() -> int:
+    args = parse_args()
+    report = run_drill(args)
     text = json.dumps(report, indent=1)
     if args.report:
         with open(args.report, "w") as fh:
             fh.write(text + "\n")
     print(text)
-    return 1 if failed else 0
+    return 1 if report["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -187,3 +187,28 @@ def test_nodes_claiming_one_name_at_once_are_all_refused():
     assert len(strategy.nodes) == 3 and len(reasons) == 2
     assert all("duplicate" in r for r in reasons)
     assert sorted(i.name for i in strategy.nodes.values()) == ["0", "1", "3"]
+
+
+def test_a_node_that_times_out_is_not_waited_for_again_in_that_round():
+    from client_app import app
+    from flux_app.engine.inprocess import InProcessGrid, set_task_identity
+    from flux_app.engine.server import build_strategy
+    from flux_app.testing import config
+
+    class Polled(InProcessGrid):
+        answers_at_once = False  # replies are polled, as from a SuperLink
+
+    seen: list[str] = []
+
+    def silent_train(reply):
+        seen.append(reply.metadata.message_type)
+        return None if reply.metadata.message_type == "train" else reply
+
+    cfg = config(BASE | {"num-server-rounds": 2, "round-timeout": 0.5})
+    set_task_identity()
+    grid = Polled(app, cfg.to_dict(), 4, hooks={2: silent_train})
+    results = build_strategy(cfg).start(grid)
+    for row in results["rounds"]:
+        assert row["nodes"]["timed_out"] == ["2"] and "2" not in row["nodes"]["answered"]
+        assert row["seconds"] < 0.5 + 5  # one timeout per round, not one per message
+    assert seen.count("evaluate") == 0 and seen.count("train") == 2  # skipped after the timeout

@@ -135,7 +135,8 @@ def admit_new_nodes(s: ClusteredStrategy, server_round: int) -> None:
 
 def round_nodes(s: ClusteredStrategy) -> dict[str, list[str]]:
     """This round's nodes by name: asked (sent a message), answered (replied, valid or not),
-    offline (known but not connected at the round's start)."""
+    offline (known but not connected at the round's start), timed out (let a message of the
+    round time out, so not waited for again in that round)."""
     transport = s._transport()
     log = transport.round_nodes
     online = transport.online
@@ -148,6 +149,7 @@ def round_nodes(s: ClusteredStrategy) -> dict[str, list[str]]:
         "asked": names(log["asked"]),
         "answered": names(log["answered"]),
         "offline": names(offline),
+        "timed_out": names(log["timed_out"]),
     }
 
 

@@ -57,11 +57,13 @@ class Transport:
         #: node -> reason of its latest error reply (what a node's own failure was)
         self.errors: dict[int, str] = {}
         #: this round's nodes: ``asked`` (sent a message), ``answered`` (replied without an
-        #: error, valid or not), ``offline`` (not connected when a message was due: not sent)
+        #: error, valid or not), ``offline`` (not connected when a message was due: not sent),
+        #: ``timed_out`` (let a message time out: not asked again this round)
         self.round_nodes: dict[str, set[int]] = {
             "asked": set(),
             "answered": set(),
             "offline": set(),
+            "timed_out": set(),
         }
         #: the nodes Flower listed as connected at the round's start (``None``: not known)
         self.online: set[int] | None = None
@@ -86,7 +88,16 @@ class Transport:
                 "%s: %d node(s) offline, not asked: %s", message_type, len(gone), sorted(gone)
             )
             self.round_nodes["offline"].update(gone)
-        contents = {n: c for n, c in contents.items() if n not in gone}
+        # a node that let a message of this round time out is not waited for again this round
+        late = [n for n in contents if n in self.round_nodes["timed_out"] and n not in gone]
+        if late:
+            logger.warning(
+                "%s: %d node(s) timed out earlier this round, not asked: %s",
+                message_type,
+                len(late),
+                sorted(late),
+            )
+        contents = {n: c for n, c in contents.items() if n not in gone and n not in late}
         if not contents:
             return {}
         self.round_nodes["asked"].update(contents)
@@ -137,7 +148,9 @@ class Transport:
         """
         if getattr(self.grid, "answers_at_once", False):  # in-process: a dropped reply is gone
             return list(self.grid.send_and_receive(messages, timeout=self.timeout))
-        pending = set(self.grid.push_messages(messages))
+        ids = list(self.grid.push_messages(messages))
+        dst = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True)}
+        pending = set(ids)
         deadline = time.monotonic() + self.timeout
         replies: list[Message] = []
         delay = POLL_FIRST
@@ -150,6 +163,10 @@ class Transport:
                 break
             time.sleep(min(delay, left))
             delay = min(delay * 1.5, POLL_MAX)
+        if pending:
+            late = sorted(dst[mid] for mid in pending)
+            logger.warning("no reply within round-timeout %.0f s from %s", self.timeout, late)
+            self.round_nodes["timed_out"].update(late)
         return replies
 
     def collect(
