@@ -351,9 +351,7 @@ def _validate_common(cfg: RunConfig) -> None:
     _check(cfg.batch_size >= 1, "batch-size", cfg.batch_size, ">= 1")
     _check(0 <= cfg.val_fraction < 1, "val-fraction", cfg.val_fraction, "in [0, 1)")
     _check(0 < cfg.fraction_train <= 1, "fraction-train", cfg.fraction_train, "in (0, 1]")
-    _check(
-        0 < cfg.fraction_evaluate <= 1, "fraction-evaluate", cfg.fraction_evaluate, "in (0, 1]"
-    )
+    _check(0 < cfg.fraction_evaluate <= 1, "fraction-evaluate", cfg.fraction_evaluate, "in (0, 1]")
     _check(cfg.min_evaluate_nodes >= 1, "min-evaluate-nodes", cfg.min_evaluate_nodes, ">= 1")
     _check(cfg.eval_every >= 1, "eval-every", cfg.eval_every, ">= 1")
     _check(cfg.round_timeout > 0, "round-timeout", cfg.round_timeout, "> 0")
