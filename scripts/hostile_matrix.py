@@ -9,8 +9,10 @@ dropped), and the bad nodes **honest**. Per case the script records
 * whether the run crashed (an exception left ``strategy.start``);
 * whether the honest nodes' results equal the silent baseline's bit for bit: final
   ``accuracy_by_client`` of the honest partitions and, per honest node, its cluster and the
-  SHA-256 of the model it is evaluated with (``partition`` criterion: the honest nodes' clustering
-  only, for replies that are valid but crafted, where the bad node legitimately takes part);
+  SHA-256 of the model it is evaluated with (``partition`` criterion: the honest nodes are
+  admitted and keep the clustering of one of the baselines, for replies that are valid but
+  crafted, where the bad node legitimately takes part; ``admitted`` criterion, for a node
+  claiming another's identity: every honest node is still admitted, clustered and evaluated);
 * whether every bad node that tampered is named in a warning of the run's log (node and reason);
 * whether the results stay sane (accuracies finite and in [0, 1], train losses finite, >= 0).
 
@@ -349,7 +351,7 @@ def _train_kinds() -> list[Kind]:
             "train/scaled-x-10",
             TRAIN,
             arrays(a, floats(lambda v: (v * -10).astype(v.dtype))),
-            "valid but bad: weights x-10 (a robust cluster-aggregator's job, not validation)",
+            "valid but bad: weights x-10",
         ),
         Kind("train/error", TRAIN, None, "an error reply"),
         Kind("train/silent", TRAIN, silence, "no reply"),
@@ -393,6 +395,7 @@ def _info_kinds() -> list[Kind]:
             INFO,
             impostor,
             "claims an honest node's partition id and name",
+            criterion="admitted",
         ),
         Kind("info/negative-train", INFO, metrics(i, num_train=-5), "num-train -5"),
         Kind("info/no-info", INFO, drop(i), "MetricRecord 'info' missing"),
@@ -836,8 +839,16 @@ def classify(case: dict, silent: dict, honest: dict, criterion: str) -> str:
     if case.get("insane"):
         return "POISONED"
     logged = all(case["logged"].values())
+    if criterion == "admitted":  # no honest node lost: each admitted, in a cluster, evaluated
+        nodes = case["view"]["nodes"].values()
+        return (
+            "survived"
+            if all(n["known"] and n["cluster"] is not None for n in nodes)
+            else ("POISONED")
+        )
     if criterion == "partition":
-        return "survived" if same_partition(case["view"], silent["view"]) else "POISONED"
+        kept = [b["view"] for b in (silent, honest) if b.get("view") is not None]
+        return "survived" if any(same_partition(case["view"], v) for v in kept) else "POISONED"
     if case["view"] == silent.get("view"):
         return "rejected" if logged else "survived"
     if case["view"] == honest.get("view"):
@@ -962,7 +973,10 @@ def markdown(data: dict[str, Any], command: str) -> str:
                 continue
             counts[case["outcome"]] += 1
             cells.append(case["outcome"])
-        doc = k.doc + (" (criterion: honest clustering)" if k.criterion == "partition" else "")
+        doc = k.doc + {
+            "partition": " (criterion: honest clustering)",
+            "admitted": " (criterion: no honest node lost)",
+        }.get(k.criterion, "")
         lines.append(f"| `{k.name}` | {doc} | " + " | ".join(cells) + " |")
     total = ", ".join(f"{n} {o}" for o, n in counts.items() if n)
     runs = [*cases.values(), *data.get("baselines", {}).values()]

@@ -109,6 +109,9 @@ ATTACKED = {
     "batch-size": 32,
     "device": "cpu",
     "aggregator-num-malicious": 1,
+    # the aggregators on their own: the engine's outlier screen (which rejects this update) off
+    "max-model-norm-ratio": 0.0,
+    "max-update-norm-ratio": 0.0,
 }
 ATTACKER = {0: tamper("train", map_arrays("arrays", scaled_update(-10.0)))}
 
@@ -130,6 +133,23 @@ def test_one_attacker_ruins_its_cluster_under_fedavg_and_not_under_robust_rules(
     # under the clean mean (0.81 vs 0.87 on one CPU, within 0.05 on another: float rounding)
     assert _honest_accuracy(krum) > max(0.7, _honest_accuracy(fedavg) + 0.5)
     assert _honest_accuracy(median) > _honest_accuracy(fedavg) + 0.2
+
+
+@pytest.mark.slow
+def test_the_outlier_screen_rejects_the_attack_before_any_aggregator_sees_it(caplog):
+    # digits' default SGD (at lr 0.1 the federation without the attacker does not learn)
+    unscreened = ATTACKED | {"lr": 0.05, "momentum": 0.5}
+    screened = unscreened | {"max-model-norm-ratio": 2.0, "max-update-norm-ratio": 100.0}
+    with caplog.at_level("WARNING", logger="flwr"):
+        attacked, _ = run(screened, 6, hooks=ATTACKER)
+    rejections = caplog.text.count("invalid train reply rejected: model length")
+    silent, _ = run(screened, 6, hooks={0: tamper("train", lambda content: None)})
+    collapsed, _ = run(unscreened, 6, hooks=ATTACKER)
+    # every round the attacker's reply is rejected with the reason, so FedAvg is exactly the
+    # federation without its train replies; without the screen the same attack collapses it
+    assert rejections >= ATTACKED["num-server-rounds"]  # (the log may be captured twice)
+    assert attacked["final"]["accuracy_by_client"] == silent["final"]["accuracy_by_client"]
+    assert _honest_accuracy(attacked) > 0.8 and _honest_accuracy(collapsed) < 0.15
 
 
 @pytest.mark.slow

@@ -277,10 +277,14 @@ CASES = [
     ("fedavg", "train/no-metrics", "rejected"),
     ("fedavg", "train/error", "rejected"),
     ("fedavg", "train/loss-list", "rejected"),
+    ("fedavg", "train/scaled-x-10", "rejected"),
+    ("flux", "train/scaled-x-10", "rejected"),
     ("fedavg", "evaluate/acc-nan", "rejected"),
     ("fedavg", "evaluate/val-acc-1e6", "rejected"),
     ("fedavg", "info/classes", "rejected"),
     ("fedavg", "info/partition-range", "rejected"),
+    ("fedavg", "info/inflated-weight", "rejected"),
+    ("fedavg", "info/duplicate-partition", "survived"),
     ("ifca", "scores/negative", "rejected"),
     ("flux", "descriptor/nan", "rejected"),
     ("flux", "descriptor/header-128GiB", "rejected"),
@@ -297,3 +301,85 @@ def test_hostile_nodes(matrix, strategy, kind, want):
     assert got["outcome"] == want, got
     if want == "rejected":  # each bad node named in a warning with the reason
         assert all(got["logged"].values()), got["logged"]
+
+
+# ------------------------------------------------------------------------------ outlier screens
+def _screened(lengths_by_cluster, ratio=10.0, model_ratio=0.0, start=(1.0, 1.0)):
+    """Node ids kept by ``screen_updates`` for updates of the given lengths, per cluster (every
+    cluster model ``start``, each update ``(length, 0)``)."""
+    from flux_app.engine.server import build_strategy
+    from flux_app.engine.strategy import Reply
+    from flux_app.testing import config, tiny_state
+
+    strategy = build_strategy(
+        config(
+            {
+                "strategy": "fedavg",
+                "max-update-norm-ratio": ratio,
+                "max-model-norm-ratio": model_ratio,
+            }
+        )
+    )
+    replies, node = [], 0
+    for cluster, lengths in lengths_by_cluster.items():
+        strategy.models[cluster] = tiny_state(*start)
+        for length in lengths:
+            trained = tiny_state(start[0] + length, start[1])
+            replies.append(Reply(node, RecordDict(), cluster, trained, 10))
+            node += 1
+    return [r.node_id for r in strategy.screen_updates(replies, {})]
+
+
+def test_a_model_far_longer_than_its_clusters_others_is_rejected(caplog):
+    # updates alike in length (update bound off), one model scaled: (10, 1) against ~(1, 1)
+    start = (0.0, 1.0)
+    with caplog.at_level("WARNING", logger="flwr"):
+        kept = _screened({0: [1.0, 1.1, 0.9, -10.0]}, ratio=0.0, model_ratio=2.0, start=start)
+    assert kept == [0, 1, 2]
+    assert "node 3: invalid train reply rejected: model length 10" in caplog.text
+    assert _screened({0: [1.0, 1.1, 0.9, -10.0]}, ratio=0.0, model_ratio=8.0, start=start) == [
+        0,
+        1,
+        2,
+        3,
+    ]
+
+
+def test_an_update_far_longer_than_its_clusters_others_is_rejected(caplog):
+    with caplog.at_level("WARNING", logger="flwr"):
+        kept = _screened({0: [1.0, 1.2, 0.9, -11.0], 1: [0.01, 0.012]})
+    assert kept == [0, 1, 2, 4, 5]  # -11 is 11 x the others' lower median (0.9 < 1.0)
+    assert "node 3: invalid train reply rejected: update length 11" in caplog.text
+    # at 12 x the bound it passes; a lone reply has nothing to be compared with: kept
+    assert _screened({0: [1.0, 1.2, 0.9, -11.0]}, ratio=12.0) == [0, 1, 2, 3]
+    assert _screened({0: [1.0], 1: [500.0]}) == [0, 1]
+    assert _screened({0: [1.0, 1.2, 0.9, -11.0]}, ratio=0.0) == [0, 1, 2, 3]  # 0 = off
+
+
+def test_of_two_replies_the_outlier_is_the_one_rejected():
+    # the lower median of the others is the other one itself: the short one stays
+    assert _screened({0: [0.5, 20.0]}) == [0]
+    assert _screened({0: [20.0, 0.5]}) == [1]
+    # clusters are compared only within: a long update in another cluster is no outlier
+    assert _screened({0: [0.5, 0.6], 1: [40.0, 41.0]}) == [0, 1, 2, 3]
+
+
+def test_a_node_announcing_an_absurd_train_size_is_refused():
+    from flux_app.engine.nodes import NodeBook, NodeInfo
+
+    def book(sizes, ratio=1000.0):
+        b = NodeBook(max_train_size_ratio=ratio)
+        for i, n in enumerate(sizes):
+            b.info[i] = NodeInfo(i, i, len(sizes), n, 0, 0, 10, (1, 8, 8), 0)
+        return b
+
+    b = book([50, 60, 10**12, 70])
+    assert b.refuse_outsized(list(b.info)) == [2]
+    assert sorted(b.info) == [0, 1, 3] and "announced train size 1000000000000" in b.excluded[2]
+    # honest size differences well within the bound, and the bound off, refuse nobody
+    for sizes, ratio in (([50, 60, 40000, 70], 1000.0), ([50, 10**12], 0.0)):
+        b = book(sizes, ratio)
+        assert b.refuse_outsized(list(b.info)) == []
+    # two nodes, one lying: the lower median keeps the honest one
+    b = book([50, 10**12])
+    assert b.refuse_outsized(list(b.info)) == [1]

@@ -50,4 +50,16 @@ def flat_params(state: Mapping[str, torch.Tensor]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
-__all__ = ["State", "clone_state", "flat_params", "weighted_average"]
+def update_length(sent: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of ``trained - sent`` over ``trained``'s floating tensors (float64); a key that
+    ``sent`` lacks counts as zero there (``update_length({}, state)`` is the model's length)."""
+    total = 0.0
+    for key, value in trained.items():
+        if value.is_floating_point():
+            ref = sent.get(key)
+            diff = value.double() if ref is None else value.double() - ref.double()
+            total += float((diff**2).sum())
+    return total**0.5
+
+
+__all__ = ["State", "clone_state", "flat_params", "update_length", "weighted_average"]

@@ -148,6 +148,14 @@ class RunConfig:
     eval_every: int = 1
     round_timeout: float = 600.0
     min_nodes: int = 0
+    #: a train reply whose model is more than this many times longer (L2) than the lower median
+    #: of its cluster's other trained models in the round is rejected; 0 = no bound
+    max_model_norm_ratio: float = 2.0
+    #: the same for the update (trained - sent); 0 = no bound
+    max_update_norm_ratio: float = 100.0
+    #: a node announcing more than this many times the lower median train size of the other
+    #: nodes is excluded (its weight in every average is its own word); 0 = no bound
+    max_train_size_ratio: float = 1000.0
     #: write the server state every N complete rounds (and after the last); 0 = never
     checkpoint_every: int = 1
     #: a run folder of ``output-dir`` whose checkpoint this run continues
@@ -353,6 +361,9 @@ def _validate_common(cfg: RunConfig) -> None:
     _check(0 < cfg.fraction_train <= 1, "fraction-train", cfg.fraction_train, "in (0, 1]")
     _check(0 < cfg.fraction_evaluate <= 1, "fraction-evaluate", cfg.fraction_evaluate, "in (0, 1]")
     _check(cfg.min_evaluate_nodes >= 1, "min-evaluate-nodes", cfg.min_evaluate_nodes, ">= 1")
+    for key in ("max-model-norm-ratio", "max-update-norm-ratio", "max-train-size-ratio"):
+        value = getattr(cfg, key.replace("-", "_"))
+        _check(value == 0 or value > 1, key, value, "0 (no bound) or > 1")
     _check(cfg.eval_every >= 1, "eval-every", cfg.eval_every, ">= 1")
     _check(cfg.round_timeout > 0, "round-timeout", cfg.round_timeout, "> 0")
     _check(cfg.checkpoint_every >= 0, "checkpoint-every", cfg.checkpoint_every, ">= 0 (0 = never)")

@@ -127,9 +127,11 @@ class NodeBook:
         self,
         holdout_clients: int = 0,
         model_input: tuple[tuple[int, int, int], int] | None = None,
+        max_train_size_ratio: float = 0.0,
     ) -> None:
         self.holdout_clients = holdout_clients
         self.model_input = model_input
+        self.max_train_size_ratio = max_train_size_ratio
         self.info: dict[int, NodeInfo] = {}
         self.excluded: dict[int, str] = {}
         #: name -> cluster of nodes that left the run (or were not back when it resumed)
@@ -188,12 +190,18 @@ class NodeBook:
         admitted = []
         claims = Counter(node.name for node in got.values())
         for node_id, node in got.items():
-            if claims[node.name] > 1:  # which of them is the real one cannot be told: none
-                self.excluded[node_id] = (
-                    f"duplicate: {claims[node.name]} nodes answered as {node.name!r} at once"
+            if claims[node.name] > 1:
+                # Which claimant is the real one cannot be told from an info reply, so the name
+                # proves nothing: each is admitted under its node id, and none can later take
+                # over the name's state (re-admission and resume go by name).
+                logger.warning(
+                    "node %s: %d nodes answered as %r at once; admitted as %r",
+                    node_id,
+                    claims[node.name],
+                    node.name,
+                    f"{node.name}@{node_id}",
                 )
-                logger.warning("node %s rejected: %s", node_id, self.excluded[node_id])
-                continue
+                node.name = f"{node.name}@{node_id}"
             twin = next((n for n, i in self.info.items() if i.name == node.name), None)
             if twin is not None and twin in connected:
                 self.excluded[node_id] = f"duplicate: connected node {twin} is {node.name!r}"
@@ -215,7 +223,37 @@ class NodeBook:
                     node.num_skipped,
                 )
             self.info[node_id] = node
-        return admitted
+        refused = self.refuse_outsized(admitted)
+        return [n for n in admitted if n not in refused]
+
+    def refuse_outsized(self, node_ids: Iterable[int]) -> list[int]:
+        """Exclude those of ``node_ids`` that announce more than ``max_train_size_ratio`` times
+        the lower median train size of the other training nodes; returns them.
+
+        A node's weight in every average is the train size it announces, which nobody can
+        check; a claim orders of magnitude beyond the federation's is refused rather than
+        believed. The lower median keeps two nodes, one of them lying, apart."""
+        if not self.max_train_size_ratio:
+            return []
+        sizes = {n: i.num_train for n, i in self.info.items() if not i.holdout and i.num_train}
+        refused = {}
+        for node_id in node_ids:
+            if node_id not in sizes:
+                continue
+            others = sorted(v for n, v in sizes.items() if n != node_id)
+            if not others:
+                continue
+            reference = others[(len(others) - 1) // 2]
+            if sizes[node_id] > self.max_train_size_ratio * reference:
+                refused[node_id] = (
+                    f"announced train size {sizes[node_id]} > max-train-size-ratio "
+                    f"{self.max_train_size_ratio:g} x {reference} (the others' lower median)"
+                )
+        for node_id, reason in refused.items():
+            del self.info[node_id]
+            self.excluded[node_id] = reason
+            logger.warning("node %s rejected: %s", node_id, reason)
+        return list(refused)
 
     def discover(
         self, transport: Transport, min_nodes: int = 0, wait_seconds: float = 120.0
@@ -246,6 +284,10 @@ class NodeBook:
                 logger.warning("only %d of %d nodes connected; going on", len(self.info), expected)
                 break
             time.sleep(1.0)
+        # nodes admitted one by one were each compared with those before them only
+        self.refuse_outsized(list(self.info))
+        if not self.info:
+            raise RuntimeError("no node left to train: " + "; ".join(self.excluded.values()))
 
 
 __all__ = ["INFO", "NodeBook", "NodeInfo", "parse_info", "sample_nodes"]

@@ -51,7 +51,7 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from flux_app.common.models import build_model
-from flux_app.common.params import State, clone_state
+from flux_app.common.params import State, clone_state, update_length
 from flux_app.common.records import (
     ReplyError,
     check_state,
@@ -108,7 +108,7 @@ class ClusteredStrategy(ResumableState):
     def __init__(self, cfg: RunConfig, recorder: RunRecorder | None = None) -> None:
         self.cfg = cfg
         self.recorder = recorder
-        self.book = NodeBook(cfg.holdout_clients, cfg.model_input)
+        self.book = NodeBook(cfg.holdout_clients, cfg.model_input, cfg.max_train_size_ratio)
         self.nodes: dict[int, NodeInfo] = self.book.info
         self.excluded: dict[int, str] = self.book.excluded
         self.transport: Transport | None = None
@@ -262,13 +262,20 @@ class ClusteredStrategy(ResumableState):
             message_type, contents, server_round, parse, what=what, excluded=book
         )
 
-    def collect_trained(self, contents: Mapping[int, RecordDict], server_round: int) -> list[Reply]:
-        """Send ``train`` messages; the valid replies (``read_trained``), losses noted."""
+    def collect_trained(
+        self,
+        contents: Mapping[int, RecordDict],
+        server_round: int,
+        sent: Mapping[int, State] | None = None,
+    ) -> list[Reply]:
+        """Send ``train`` messages; the valid replies (``read_trained``, then
+        :meth:`screen_updates`), losses noted. ``sent``: the model each node was sent, where it
+        is not its cluster's (default ``self.models[cluster]``)."""
 
         got = self.collect(
             "train", contents, server_round, self._trained, what="train reply", exclude=False
         )
-        replies = list(got.values())
+        replies = self.screen_updates(list(got.values()), sent or {})
         self.trained += len(replies)
         for reply in replies:
             loss = reply.content.metric_records.get("metrics", {}).get("train-loss")
@@ -285,6 +292,63 @@ class ClusteredStrategy(ResumableState):
         return self.collect(
             "evaluate", contents, server_round, _eval_metrics, what="evaluate reply", exclude=False
         )
+
+    def screen_updates(self, replies: list[Reply], sent: Mapping[int, State]) -> list[Reply]:
+        """Reject train replies that are outliers in length within their cluster.
+
+        Members of a cluster (:meth:`screen_group`) start from the same model with the same
+        settings, so their trained models have nearly the same length (within 2.5 % in every
+        setting measured, docs/RELIABILITY.md) and their updates ``trained - sent`` comparable
+        ones (the number of local steps follows the train size). A reply whose model is more
+        than ``max-model-norm-ratio`` times, or whose update is more than
+        ``max-update-norm-ratio`` times, the lower median of the others' (a scaled or
+        sign-flipped model, a huge step) is rejected and logged. A cluster with one reply is not
+        screened: it has nothing to be compared with."""
+        bounds = {
+            "model": self.cfg.max_model_norm_ratio,
+            "update": self.cfg.max_update_norm_ratio,
+        }
+        if not any(bounds.values()) or len(replies) < 2:
+            return replies
+        groups: dict[Any, list[Reply]] = {}
+        for reply in replies:
+            groups.setdefault(self.screen_group(reply), []).append(reply)
+        rejected: set[int] = set()
+        for members in groups.values():
+            lengths: dict[str, dict[int, float]] = {"model": {}, "update": {}}
+            for r in members:
+                base = sent.get(r.node_id)
+                if base is None:
+                    base = self.models.get(r.cluster) if r.cluster is not None else None
+                if base is not None and r.state is not None:
+                    lengths["update"][r.node_id] = update_length(base, r.state)
+                    lengths["model"][r.node_id] = update_length({}, r.state)
+            for what, ratio in bounds.items():
+                got = lengths[what]
+                for node_id, length in got.items():
+                    others = sorted(v for n, v in got.items() if n != node_id)
+                    if not ratio or not others or node_id in rejected:
+                        continue
+                    reference = others[(len(others) - 1) // 2]
+                    if length > ratio * reference:
+                        rejected.add(node_id)
+                        logger.warning(
+                            "node %s: invalid train reply rejected: %s length %.3g > "
+                            "max-%s-norm-ratio %g x %.3g (the lower median of its cluster's "
+                            "others)",
+                            node_id,
+                            what,
+                            length,
+                            what,
+                            ratio,
+                            reference,
+                        )
+        return [r for r in replies if r.node_id not in rejected]
+
+    def screen_group(self, reply: Reply) -> Any:
+        """Replies whose update lengths are compared in :meth:`screen_updates`: those trained
+        alike (same settings, comparable start). Default: the cluster's."""
+        return reply.cluster
 
     def _trained(self, node_id: int, content: RecordDict) -> Reply:
         reply = Reply(node_id, content, self.assignment.get(node_id))

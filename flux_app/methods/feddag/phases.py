@@ -65,7 +65,8 @@ class DualPhases:
             contents[n] = self.model_content(sent[q], server_round, **SECONDARY_PHASE)
         if not contents:
             return
-        replies = self.collect_trained(contents, server_round)
+        sent_to = {n: sent[self.assignment[n]] for n in contents}
+        replies = self.collect_trained(contents, server_round, sent_to)
         deltas: dict[int, list[tuple[State, int]]] = defaultdict(list)
         for r in replies:
             deltas[r.cluster].append(

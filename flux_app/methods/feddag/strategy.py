@@ -170,6 +170,10 @@ class FedDag(FeddagCheckpoint, DualPhases, ClusteredStrategy):
             return self.model_content(state, server_round)
         return self.model_content(state, server_round, **PRIMARY_PHASE)
 
+    def screen_group(self, reply: Reply) -> Any:
+        """During warm-up every node has its own model, trained alike: compared together."""
+        return "warm-up" if not self.clustered else reply.cluster
+
     def new_cluster_for(self, node_id: int) -> int:
         """A node joining during warm-up warms up on its own, like the others."""
         cid = max(self.models) + 1
