@@ -35,12 +35,11 @@ all-singletons, and lambda = 0.01 makes it negligible next to L1.
 
 from __future__ import annotations
 
+# scipy is imported inside the functions that use them: server-only work, kept off
+# the ClientApp's import path (a deployment message starts a fresh process).
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.cluster.hierarchy import fcluster
-from scipy.cluster.hierarchy import linkage as scipy_linkage
-from scipy.spatial.distance import squareform
 
 from flux_app.common.statecodec import state_type
 
@@ -91,12 +90,17 @@ def dendrogram(a: np.ndarray, linkage: str = "average") -> np.ndarray:
     a = _check_distance(a)
     if a.shape[0] < 2:
         raise ValueError("a dendrogram needs at least two clients")
+    from scipy.cluster.hierarchy import linkage as scipy_linkage
+    from scipy.spatial.distance import squareform
+
     return scipy_linkage(squareform(a, checks=False), method=linkage)
 
 
 def _cut(z: np.ndarray | None, n: int, threshold: float) -> np.ndarray:
     if n == 1 or z is None:
         return np.zeros(n, dtype=np.int64)
+    from scipy.cluster.hierarchy import fcluster
+
     return canonical_labels(fcluster(z, t=threshold, criterion="distance"))
 
 

@@ -8,9 +8,9 @@ clustering on cosine distance ``1 - cos``, cut into two groups).
 
 from __future__ import annotations
 
+# scipy is imported inside the functions that use them: server-only work, kept off
+# the ClientApp's import path (a deployment message starts a fresh process).
 import numpy as np
-from scipy.cluster.hierarchy import linkage, to_tree
-from scipy.spatial.distance import squareform
 
 __all__ = [
     "bipartition",
@@ -93,6 +93,9 @@ def bipartition(updates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("need at least two updates to bipartition")
     dist = np.clip(1.0 - cosine_similarity_matrix(u), 0.0, 2.0)
     np.fill_diagonal(dist, 0.0)
+    from scipy.cluster.hierarchy import linkage, to_tree
+    from scipy.spatial.distance import squareform
+
     root = to_tree(linkage(squareform(dist, checks=False), method="complete"))
     a = np.sort(np.asarray(root.get_left().pre_order(), dtype=np.int64))
     b = np.sort(np.asarray(root.get_right().pre_order(), dtype=np.int64))

@@ -57,7 +57,9 @@ def handle_descriptor(content: RecordDict, rt: ClientRuntime) -> RecordDict:
     noise = float(config.get("dp-noise", 0.0))
     if noise > 0:
         if bool(config.get("dp-seeded-noise", False)):  # reproducible simulations only
-            rng = np.random.default_rng(rt.seed_for("dp", int(config.get("server-round", 0)), split))
+            rng = np.random.default_rng(
+                rt.seed_for("dp", int(config.get("server-round", 0)), split)
+            )
         else:  # fresh OS entropy: nobody who knows the run's seed can subtract the noise
             rng = np.random.default_rng()
         desc = privatize(desc, clip, noise, str(config.get("dp-mechanism", "gaussian")), rng)

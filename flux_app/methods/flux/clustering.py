@@ -137,17 +137,14 @@ Routing
 
 from __future__ import annotations
 
+# scipy and scikit-learn are imported inside the functions that use them: server-only work, kept off
+# the ClientApp's import path (a deployment message starts a fresh process).
 import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import sparse
-from scipy.stats import chi2
-from sklearn.cluster import DBSCAN
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-from sklearn.neighbors import NearestNeighbors
 
 from flux_app.common.statecodec import state_type
 from flux_app.methods.flux.descriptors import FluxDescriptor
@@ -580,6 +577,8 @@ def _relabel(labels: np.ndarray) -> np.ndarray:
 def _cluster_sums(x: np.ndarray, labels: np.ndarray, z: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-cluster sums and sizes via a sparse indicator matrix (O(n d))."""
     n = x.shape[0]
+    from scipy import sparse
+
     ind = sparse.csr_matrix((np.ones(n), (labels, np.arange(n))), shape=(z, n))
     sums = np.asarray(ind @ x)
     sizes = np.bincount(labels, minlength=z).astype(np.float64)
@@ -604,6 +603,8 @@ def assign_to_centroids(
         ``[n]`` distance to it.
     """
     x = np.asarray(x, dtype=np.float64)
+    from sklearn.neighbors import NearestNeighbors
+
     nn = NearestNeighbors(n_neighbors=1).fit(np.asarray(centroids, dtype=np.float64))
     labels = np.empty(x.shape[0], dtype=np.int64)
     dist = np.empty(x.shape[0])
@@ -759,6 +760,8 @@ def _run_hdbscan(x: np.ndarray, min_cluster_size: int, allow_single_cluster: boo
 
 
 def _run_knee_dbscan(x: np.ndarray, notes: list[str]) -> np.ndarray:
+    from sklearn.neighbors import NearestNeighbors
+
     nn = NearestNeighbors(n_neighbors=2).fit(x)
     d, _ = nn.kneighbors(x)
     d1 = d[:, 1]
@@ -771,6 +774,8 @@ def _run_knee_dbscan(x: np.ndarray, notes: list[str]) -> np.ndarray:
     scale = float(np.median(np.linalg.norm(x - np.median(x, axis=0), axis=1)))
     eps = max(eps, 1e-9 * max(scale, 1.0))  # DBSCAN needs eps > 0 (duplicates give 0)
     eps *= 1.0 + 1e-9  # include points exactly at eps
+    from sklearn.cluster import DBSCAN
+
     return np.asarray(DBSCAN(eps=eps, min_samples=2).fit_predict(x), dtype=np.int64)
 
 
@@ -829,6 +834,8 @@ def _iid_guard(
         if ok.any():
             vv = v[big][ok]
             nu = np.median(vv.sum(1) ** 2 / np.maximum((vv**2).sum(1), 1e-300))
+            from scipy.stats import chi2
+
             raw = float(np.median(resid[ok] / expect[ok])) / (chi2.median(nu) / nu)
             inflation = float(np.clip(raw, 1.0, MAX_INFLATION))
     if inflation > 1.0 + 1e-9:
@@ -858,6 +865,8 @@ def _iid_guard(
             nu = np.where(b > 0, a**2 / np.where(b > 0, b, 1.0), np.inf)
         q = np.ones_like(nu)
         fin = np.isfinite(nu)
+        from scipy.stats import chi2
+
         q[fin] = chi2.isf(alpha / n_pairs, nu[fin]) / nu[fin]
         thr = np.maximum(ratio, q)
         # Pairwise squared distances of centroids via centred Gram products, in row chunks.
@@ -1072,4 +1081,6 @@ def ari_nmi(
     """Adjusted Rand index and normalised mutual information (scikit-learn)."""
     t = np.asarray(true_groups)
     p = np.asarray(labels)
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
     return float(adjusted_rand_score(t, p)), float(normalized_mutual_info_score(t, p))

@@ -8,8 +8,8 @@ docs/EXTENDING.md shows another variant written as a plug-in (examples/flux_ward
 
 from __future__ import annotations
 
-from sklearn.cluster import KMeans
-
+# scikit-learn is imported inside the functions that use them: server-only work, kept off
+# the ClientApp's import path (a deployment message starts a fresh process).
 from flux_app.engine.registry import register_strategy
 from flux_app.methods.flux.clustering import BlockNormaliser, FluxClustering, embed
 from flux_app.methods.flux.descriptors import FluxDescriptor
@@ -24,6 +24,8 @@ class KMeansFlux(Flux):
         normaliser = BlockNormaliser.fit(descriptors)
         x = embed(descriptors, normaliser, self.opts.missing_penalty)
         k = min(self.cfg.num_clusters, len(descriptors))
+        from sklearn.cluster import KMeans
+
         labels = KMeans(n_clusters=k, n_init=10, random_state=self.cfg.seed).fit_predict(x)
         return FluxClustering.from_labels(
             x,
