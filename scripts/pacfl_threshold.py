@@ -51,7 +51,11 @@ def setting_proximity(cfg: RunConfig, nodes: int) -> tuple[np.ndarray, np.ndarra
     for pid in range(trainers):
         d = _partition(cfg.dataset, cfg.data_root, spec, nodes, pid)
         x = d.x_train.reshape(len(d.x_train), -1).numpy()
-        subs.append(class_subspaces(x, d.y_train.numpy(), d.num_classes, p=cfg.section(PacflConfig).subspace_dim))
+        subs.append(
+            class_subspaces(
+                x, d.y_train.numpy(), d.num_classes, p=cfg.section(PacflConfig).subspace_dim
+            )
+        )
         groups.append(d.group)
     return pacfl_proximity(subs), np.asarray(groups)
 

@@ -2,12 +2,13 @@
 
 Runs strategies in process with the screen off and records, for every train reply, its trained
 model's and its update's length over the lower median of the others in its screening group
-(``ClusteredStrategy.screen_group``), the quantities that ``max-model-norm-ratio`` and
+(``ClusteredStrategy.screen_group``, ``flux_app.engine.screening``), the quantities that ``max-model-norm-ratio`` and
 ``max-update-norm-ratio`` bound (docs/RELIABILITY.md, "Bad input").
 
     python scripts/screen_ratios.py --settings synthetic-label-skew,digits-px-L2
     python scripts/screen_ratios.py --protocol feddag-fmnist --setting dist1-a0.25 \\
-        --strategies ifca --rounds 20
+        --strategies ifca,feddag --rounds 20
+    python scripts/screen_ratios.py --sizes fmnist,digits   # train sizes (max-train-size-ratio)
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _ratios(lengths: dict[int, float]) -> list[float]:
 def record_ratios() -> dict[str, list[float]]:
     """Patch the screen so that it records every group's ratios (then screens as configured)."""
     seen: dict[str, list[float]] = {"model": [], "update": []}
-    screen = base.ClusteredStrategy.screen_updates
+    screen = base.screen_replies  # what collect_trained calls
 
     def recording(self: Any, replies: list[Any], sent: Any) -> list[Any]:
         groups: dict[Any, list[Any]] = {}
@@ -62,7 +63,7 @@ def record_ratios() -> dict[str, list[float]]:
                 seen[what] += _ratios(lengths[what])
         return screen(self, replies, sent)
 
-    base.ClusteredStrategy.screen_updates = recording  # type: ignore[method-assign]
+    base.screen_replies = recording
     return seen
 
 
@@ -73,6 +74,30 @@ def summary(values: list[float]) -> str:
     return f"max {v[-1]:.3f} p99 {v[int(0.99 * (len(v) - 1))]:.3f}"
 
 
+def size_ratios(datasets: list[str]) -> None:
+    """Largest train size over the others' lower median, label-skew partitions (rho 0.2)."""
+    from flux_app.data.shifts import ShiftSpec, partition_plan
+    from flux_app.data.sources import load_source
+
+    for name in datasets:
+        source = load_source(name)
+        for alpha in (1.0, 0.25, 0.1):
+            for clients in (10, 30, 100):
+                worst = 0.0
+                for seed in (0, 1, 2):
+                    spec = ShiftSpec("label-skew", alpha=alpha, rho=0.2, seed=seed, val_fraction=0)
+                    sizes = {
+                        i: float(len(p.train_idx))
+                        for i, p in enumerate(partition_plan(source, spec, clients))
+                    }
+                    worst = max(worst, *_ratios(sizes))
+                print(
+                    f"[screen-ratios] {name} label-skew alpha {alpha} {clients} clients, seeds "
+                    f"0-2: largest train size / others' lower median {worst:.1f}",
+                    flush=True,
+                )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--settings", default="", help="regression settings (scripts/regression.py)")
@@ -81,7 +106,11 @@ def main() -> int:
     ap.add_argument("--strategies", default="fedavg,flux,feddag,ifca,cfl,fesem,pacfl,oracle")
     ap.add_argument("--rounds", type=int, default=0, help="num-server-rounds (0: the setting's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sizes", default="", help="datasets whose train sizes to compare instead")
     args = ap.parse_args()
+    if args.sizes:
+        size_ratios(args.sizes.split(","))
+        return 0
     torch.set_num_threads(1)
     seen = record_ratios()
     runs: list[tuple[str, dict[str, Any], int]] = []

@@ -17,8 +17,7 @@ SERVER_ONLY = ("sklearn", "scipy", "hdbscan", "matplotlib")
 
 def test_the_client_app_imports_no_server_only_library():
     code = (
-        "import sys, client_app\n"
-        f"print(','.join(m for m in {SERVER_ONLY!r} if m in sys.modules))\n"
+        f"import sys, client_app\nprint(','.join(m for m in {SERVER_ONLY!r} if m in sys.modules))\n"
     )
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     got = subprocess.run(

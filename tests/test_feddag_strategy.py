@@ -77,8 +77,8 @@ def test_secondary_phase_moves_only_learners_secondary_by_source_delta(feddag_ru
     captured = []
     original = s.collect_trained
 
-    def spy(contents, server_round):
-        replies = original(contents, server_round)
+    def spy(contents, server_round, sent=None):
+        replies = original(contents, server_round, sent)
         captured.extend(replies)
         return replies
 

@@ -305,8 +305,9 @@ def test_hostile_nodes(matrix, strategy, kind, want):
 
 # ------------------------------------------------------------------------------ outlier screens
 def _screened(lengths_by_cluster, ratio=10.0, model_ratio=0.0, start=(1.0, 1.0)):
-    """Node ids kept by ``screen_updates`` for updates of the given lengths, per cluster (every
+    """Node ids kept by ``screen_replies`` for updates of the given lengths, per cluster (every
     cluster model ``start``, each update ``(length, 0)``)."""
+    from flux_app.engine.screening import screen_replies
     from flux_app.engine.server import build_strategy
     from flux_app.engine.strategy import Reply
     from flux_app.testing import config, tiny_state
@@ -327,7 +328,7 @@ def _screened(lengths_by_cluster, ratio=10.0, model_ratio=0.0, start=(1.0, 1.0))
             trained = tiny_state(start[0] + length, start[1])
             replies.append(Reply(node, RecordDict(), cluster, trained, 10))
             node += 1
-    return [r.node_id for r in strategy.screen_updates(replies, {})]
+    return [r.node_id for r in screen_replies(strategy, replies, {})]
 
 
 def test_a_model_far_longer_than_its_clusters_others_is_rejected(caplog):

@@ -152,7 +152,7 @@ class RunConfig:
     #: of its cluster's other trained models in the round is rejected; 0 = no bound
     max_model_norm_ratio: float = 2.0
     #: the same for the update (trained - sent); 0 = no bound
-    max_update_norm_ratio: float = 100.0
+    max_update_norm_ratio: float = 0.0
     #: a node announcing more than this many times the lower median train size of the other
     #: nodes is excluded (its weight in every average is its own word); 0 = no bound
     max_train_size_ratio: float = 1000.0

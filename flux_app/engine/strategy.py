@@ -51,13 +51,11 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from flux_app.common.models import build_model
-from flux_app.common.params import State, clone_state, update_length
+from flux_app.common.params import State, clone_state
 from flux_app.common.records import (
-    ReplyError,
     check_state,
     from_record,
     get_array_record,
-    get_metric,
     metric_number,
     to_record,
 )
@@ -69,6 +67,7 @@ from flux_app.engine.config import RunConfig
 from flux_app.engine.loop import discover, run_rounds
 from flux_app.engine.nodes import NodeBook, NodeInfo, sample_nodes
 from flux_app.engine.results import RunRecorder
+from flux_app.engine.screening import num_examples, screen_replies
 from flux_app.engine.traffic import Traffic
 from flux_app.engine.transport import Transport
 
@@ -156,13 +155,9 @@ class ClusteredStrategy(ResumableState):
         """``(state, num-examples)`` of a train reply, checked against the cluster model."""
         state = from_record(get_array_record(reply.content, "arrays"))
         check_state(self.models[reply.cluster], state)
-        n = get_metric(reply.content, "metrics", "num-examples")
         announced = self.nodes[reply.node_id].num_train if reply.node_id in self.nodes else None
-        if not float(n).is_integer() or n <= 0 or (announced is not None and n > announced):
-            # a node's weight in an average is bounded by the train size its info announced
-            raise ReplyError(f"num-examples is {n!r} (announced train size {announced})")
         metric_number(reply.content, "metrics", "train-loss", low=0.0, required=False)
-        return state, int(n)
+        return state, num_examples(reply.content, announced)
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> None:
         """Default: each cluster combines its members' trained models (``cluster-aggregator``)."""
@@ -263,24 +258,18 @@ class ClusteredStrategy(ResumableState):
         )
 
     def collect_trained(
-        self,
-        contents: Mapping[int, RecordDict],
-        server_round: int,
-        sent: Mapping[int, State] | None = None,
+        self, contents: Mapping[int, RecordDict], server_round: int, sent: Mapping | None = None
     ) -> list[Reply]:
-        """Send ``train`` messages; the valid replies (``read_trained``, then
-        :meth:`screen_updates`), losses noted. ``sent``: the model each node was sent, where it
-        is not its cluster's (default ``self.models[cluster]``)."""
-
+        """Send ``train`` messages; the valid replies (``read_trained``, then the length screen
+        :func:`~flux_app.engine.screening.screen_replies`; ``sent``: each node's model where it
+        is not its cluster's), losses noted."""
         got = self.collect(
             "train", contents, server_round, self._trained, what="train reply", exclude=False
         )
-        replies = self.screen_updates(list(got.values()), sent or {})
+        replies = screen_replies(self, list(got.values()), sent or {})
         self.trained += len(replies)
-        for reply in replies:
-            loss = reply.content.metric_records.get("metrics", {}).get("train-loss")
-            if loss is not None:
-                self.train_losses.append(float(loss))
+        losses = (r.content.metric_records.get("metrics", {}).get("train-loss") for r in replies)
+        self.train_losses += [float(v) for v in losses if v is not None]
         return replies
 
     def evaluate_nodes(
@@ -293,61 +282,8 @@ class ClusteredStrategy(ResumableState):
             "evaluate", contents, server_round, _eval_metrics, what="evaluate reply", exclude=False
         )
 
-    def screen_updates(self, replies: list[Reply], sent: Mapping[int, State]) -> list[Reply]:
-        """Reject train replies that are outliers in length within their cluster.
-
-        Members of a cluster (:meth:`screen_group`) start from the same model with the same
-        settings, so their trained models have nearly the same length (within 2.5 % in every
-        setting measured, docs/RELIABILITY.md) and their updates ``trained - sent`` comparable
-        ones (the number of local steps follows the train size). A reply whose model is more
-        than ``max-model-norm-ratio`` times, or whose update is more than
-        ``max-update-norm-ratio`` times, the lower median of the others' (a scaled or
-        sign-flipped model, a huge step) is rejected and logged. A cluster with one reply is not
-        screened: it has nothing to be compared with."""
-        bounds = {
-            "model": self.cfg.max_model_norm_ratio,
-            "update": self.cfg.max_update_norm_ratio,
-        }
-        if not any(bounds.values()) or len(replies) < 2:
-            return replies
-        groups: dict[Any, list[Reply]] = {}
-        for reply in replies:
-            groups.setdefault(self.screen_group(reply), []).append(reply)
-        rejected: set[int] = set()
-        for members in groups.values():
-            lengths: dict[str, dict[int, float]] = {"model": {}, "update": {}}
-            for r in members:
-                base = sent.get(r.node_id)
-                if base is None:
-                    base = self.models.get(r.cluster) if r.cluster is not None else None
-                if base is not None and r.state is not None:
-                    lengths["update"][r.node_id] = update_length(base, r.state)
-                    lengths["model"][r.node_id] = update_length({}, r.state)
-            for what, ratio in bounds.items():
-                got = lengths[what]
-                for node_id, length in got.items():
-                    others = sorted(v for n, v in got.items() if n != node_id)
-                    if not ratio or not others or node_id in rejected:
-                        continue
-                    reference = others[(len(others) - 1) // 2]
-                    if length > ratio * reference:
-                        rejected.add(node_id)
-                        logger.warning(
-                            "node %s: invalid train reply rejected: %s length %.3g > "
-                            "max-%s-norm-ratio %g x %.3g (the lower median of its cluster's "
-                            "others)",
-                            node_id,
-                            what,
-                            length,
-                            what,
-                            ratio,
-                            reference,
-                        )
-        return [r for r in replies if r.node_id not in rejected]
-
     def screen_group(self, reply: Reply) -> Any:
-        """Replies whose update lengths are compared in :meth:`screen_updates`: those trained
-        alike (same settings, comparable start). Default: the cluster's."""
+        """Replies trained alike, compared by the length screen. Default: the cluster's."""
         return reply.cluster
 
     def _trained(self, node_id: int, content: RecordDict) -> Reply:
