@@ -5,7 +5,8 @@
 #
 # Usage: scripts/deploy_local.sh [-n NODES | --data-dir DIR] [-c 'key=value ...']... [--timeout S]
 #                                [--workdir DIR] [--late-nodes] [--tls [--auth] [--proxy]]
-#                                [--before-run CMD]
+#                                [--before-run CMD] [--clientapp warm|cold] [--threads-per-node N]
+#                                [--node-poll S|flower]
 #   -n, --nodes N      SuperNodes to start (default 3); node i gets
 #                      --node-config "partition-id=i num-partitions=N"
 #   --data-dir DIR     one SuperNode per DIR/node_* folder, each with its own data:
@@ -43,6 +44,20 @@
 #                      --proxy, else DEPLOY_SUPERLINK), DEPLOY_CA (the CA certificate, empty
 #                      without --tls), DEPLOY_WORKDIR and FLWR_HOME (connection "deploy"); a
 #                      failure aborts
+#   --clientapp MODE   warm (default): each SuperNode runs with --isolation process and its own
+#                      `python -m flux_app.deploy.warm_exec` (Flower's SuperExec whose ClientApp
+#                      processes are forked from a process that imported torch once); cold:
+#                      Flower's default, --isolation subprocess (a fresh flwr-clientapp program
+#                      per message)
+#   --threads-per-node N  torch/OpenMP threads of each node's ClientApp processes (default: the
+#                      machine's cores / nodes, at least 1, unless OMP_NUM_THREADS is set): the
+#                      nodes share this machine, as simulated clients share it
+#   --node-poll S      each SuperNode is Flower's, run through `python -m flux_app.deploy.supernode
+#                      --poll-interval S` (default 0.3): its pauses between pulls from the
+#                      SuperLink (Flower: 3 s when idle) and between looks for a reply (0.5 s)
+#                      are capped at S seconds; `flower` runs the plain flower-supernode
+# Flower's SuperExec task poll interval is FLWR_SUPEREXEC_TASK_POLL_INTERVAL (default here 0.3 s;
+# Flower's default is 1 s).
 # Without --tls the deployment is plain HTTP without node authentication (--insecure), as before.
 # Every API of the SuperLink (Fleet, Control, ServerAppIo/Runtime: one port in Flower 1.42) and
 # every SuperNode's own API are bound to 127.0.0.1 only (so is the proxy here; on a real server it
@@ -62,6 +77,9 @@ TLS=0
 AUTH=0
 PROXY=0
 BEFORE_RUN=""
+CLIENTAPP=warm
+NODE_POLL=0.3
+THREADS_PER_NODE=""
 CONFIGS=()
 
 die() { echo "[deploy] error: $*" >&2; exit 2; }
@@ -79,6 +97,9 @@ while [ $# -gt 0 ]; do
     --auth) AUTH=1; shift ;;
     --proxy) PROXY=1; shift ;;
     --before-run) [ $# -ge 2 ] || die "$1 needs a value"; BEFORE_RUN="$2"; shift 2 ;;
+    --clientapp) [ $# -ge 2 ] || die "$1 needs a value"; CLIENTAPP="$2"; shift 2 ;;
+    --threads-per-node) [ $# -ge 2 ] || die "$1 needs a value"; THREADS_PER_NODE="$2"; shift 2 ;;
+    --node-poll) [ $# -ge 2 ] || die "$1 needs a value"; NODE_POLL="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac
@@ -86,6 +107,13 @@ done
 [ "$AUTH" = 1 ] && [ "$TLS" = 0 ] && die "--auth needs --tls (Flower refuses SuperNode authentication without TLS)"
 [ "$PROXY" = 1 ] && [ "$TLS" = 0 ] && die "--proxy needs --tls (the Fleet proxy serves and verifies HTTPS only)"
 [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$NODES'"
+case "$CLIENTAPP" in warm|cold) ;; *) die "--clientapp must be warm or cold, got '$CLIENTAPP'" ;; esac
+[ "$NODE_POLL" = flower ] || [[ "$NODE_POLL" =~ ^[0-9]*\.?[0-9]+$ ]] \
+  || die "--node-poll must be a number of seconds or 'flower', got '$NODE_POLL'"
+SUPERNODE=("$BIN/flower-supernode")
+[ "$NODE_POLL" = flower ] || SUPERNODE=("$BIN/python" -m flux_app.deploy.supernode --poll-interval "$NODE_POLL")
+[ -z "$THREADS_PER_NODE" ] || [[ "$THREADS_PER_NODE" =~ ^[1-9][0-9]*$ ]] \
+  || die "--threads-per-node must be a positive integer, got '$THREADS_PER_NODE'"
 SITES=()
 if [ -n "$DATA_DIR" ]; then
   [ -d "$DATA_DIR" ] || die "--data-dir $DATA_DIR is not a folder"
@@ -110,6 +138,14 @@ mkdir -p "$FLWR_HOME" "$WORKDIR/logs"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 \
   FLWR_DISABLE_UPDATE_CHECK=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
 export PATH="$BIN:$PATH"  # SuperLink/SuperNode spawn flower-superexec / flwr-* by name
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.3}"
+# The nodes share this machine's cores: without a share each ClientApp would start one torch
+# thread per core and N nodes would oversubscribe them N times.
+if [ -z "${OMP_NUM_THREADS:-}" ] || [ -n "$THREADS_PER_NODE" ]; then
+  [ -n "$THREADS_PER_NODE" ] || THREADS_PER_NODE=$(( $(nproc) / NODES ))
+  [ "$THREADS_PER_NODE" -ge 1 ] || THREADS_PER_NODE=1
+  export OMP_NUM_THREADS="$THREADS_PER_NODE"
+fi
 
 # ------------------------------------------------------------------ cleanup
 TAIL_PID=""
@@ -454,7 +490,7 @@ fi
 # ------------------------------------------------------------------ SuperNodes
 SUPERNODE_PIDS=()
 start_supernodes() {
-  local i port node_config node_security
+  local i port node_config node_security isolation
   for ((i = 0; i < NODES; i++)); do
     port="${PORTS[$((i + 1))]}"
     if [ "${#SITES[@]}" -gt 0 ]; then
@@ -465,12 +501,22 @@ start_supernodes() {
     node_security=(--insecure)
     [ "$TLS" = 1 ] && node_security=(--root-certificates "$CA_CERT")
     [ "$AUTH" = 1 ] && node_security+=(--auth-supernode-private-key "$KEYS/node-$i")
-    setsid "$BIN/flower-supernode" "${node_security[@]}" --superlink "$FLEET_ADDR" \
-      --host 127.0.0.1 --port "$port" \
+    isolation=subprocess
+    [ "$CLIENTAPP" = warm ] && isolation=process
+    setsid "${SUPERNODE[@]}" "${node_security[@]}" --superlink "$FLEET_ADDR" \
+      --isolation "$isolation" --host 127.0.0.1 --port "$port" \
       --node-config "$node_config" \
       >"$WORKDIR/logs/supernode-$i.log" 2>&1 </dev/null &
     PIDS+=("$!")
     SUPERNODE_PIDS+=("$!")
+    if [ "$CLIENTAPP" = warm ]; then
+      # the node's own SuperExec (what --isolation subprocess would start), with warm ClientApps;
+      # it ends with its SuperNode (--parent-pid)
+      setsid "$BIN/python" -m flux_app.deploy.warm_exec --insecure \
+        --runtime-api-address "127.0.0.1:$port" --parent-pid "$!" \
+        >"$WORKDIR/logs/superexec-$i.log" 2>&1 </dev/null &
+      PIDS+=("$!")
+    fi
   done
 }
 
@@ -489,7 +535,7 @@ wait_supernodes() {  # until every SuperNode logged its node id (= registered wi
     sleep 0.2
   done
   [ "$up" = "$NODES" ] || die "only $up of $NODES SuperNodes registered within 60 s"
-  echo "[deploy] $NODES supernodes up (pids ${SUPERNODE_PIDS[*]}, runtime ports ${PORTS[*]:1:$NODES})"
+  echo "[deploy] $NODES supernodes up (pids ${SUPERNODE_PIDS[*]}, runtime ports ${PORTS[*]:1:$NODES}, $CLIENTAPP ClientApps, node poll $NODE_POLL, OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset})"
 }
 
 # ------------------------------------------------------------------ the run

@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,8 +32,14 @@ sys.path.insert(0, ROOT)
 OUT = os.path.join(ROOT, "docs", "benchmarks", "overhead.json")
 
 
-def bare_fedavg(cfg: Any, num_nodes: int) -> float:
-    """FedAvg as a plain PyTorch loop over the same partitions; returns the final mean accuracy."""
+def bare_fedavg(
+    cfg: Any, num_nodes: int, on_round: Callable[[int, float], None] | None = None
+) -> float:
+    """FedAvg as a plain PyTorch loop over the same partitions; returns the final mean accuracy.
+
+    ``on_round(round, mean accuracy)``, when given, is called at the end of every round (after
+    its evaluation), e.g. to time rounds (scripts/flwr_overhead.py).
+    """
     import torch
     from torch import nn
 
@@ -86,6 +93,8 @@ def bare_fedavg(cfg: Any, num_nodes: int) -> float:
                 if len(d.x_val):
                     global_model(d.x_val)  # the app's evaluate also scores the val share
         acc = sum(accs) / len(accs)
+        if on_round is not None:
+            on_round(rnd, acc)
     return acc
 
 

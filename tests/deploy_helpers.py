@@ -16,6 +16,7 @@ FLOWER_PROCESSES = (
     "flower-superexec",
     "flwr",
     "fleet_proxy.py",  # scripts/fleet_proxy.py (deploy_local.sh --proxy)
+    "flux_app.deploy.",  # deploy_local.sh: SuperNodes, warm SuperExecs and their zygotes
 )
 
 

@@ -15,6 +15,7 @@ ALLOWED = {
     "engine": {"common", "data", "engine"},
     "methods": {"common", "data", "engine"},
     "testing": {"common", "data", "engine"},
+    "deploy": {"deploy"},
 }
 
 

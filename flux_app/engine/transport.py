@@ -23,7 +23,7 @@ logger = logging.getLogger("flwr")
 T = TypeVar("T")
 
 #: first and longest pause between two pulls of replies (seconds)
-POLL_FIRST, POLL_MAX = 0.05, 1.0
+POLL_FIRST, POLL_MAX = 0.05, 0.2
 #: what a validator may raise for a bad reply (OverflowError etc. are ArithmeticErrors)
 REPLY_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError, ArithmeticError)
 
