@@ -12,6 +12,7 @@ import torch
 
 from flux_app.methods.flux.clustering import (
     BlockNormaliser,
+    absent_classes,
     ari_nmi,
     cluster_descriptors,
     descriptor_distance,
@@ -156,15 +157,16 @@ def test_raw_embedding_matches_empirical_w2_on_gaussian_samples():
 def test_missing_class_penalty_semantics():
     k, c = 2, 3
     ones = np.ones((c, k))
-    a = _exact([0, 0], [1, 1], 30, ones * 0.0, ones, [10, 10, 10])
-    b = _exact([0, 0], [1, 1], 30, ones * 0.0, ones, [15, 15, 0])  # class 2 absent
-    z = _exact([0, 0], [1, 1], 30, ones * 0.0, ones, [30, 0, 0])  # classes 1, 2 absent
+    # 300 samples a client: a class with none is significantly absent (absent_classes)
+    a = _exact([0, 0], [1, 1], 300, ones * 0.0, ones, [100, 100, 100])
+    b = _exact([0, 0], [1, 1], 300, ones * 0.0, ones, [150, 150, 0])  # class 2 absent
+    z = _exact([0, 0], [1, 1], 300, ones * 0.0, ones, [300, 0, 0])  # classes 1, 2 absent
     # Identity fit on the pair: the class mean is the present client's block -> exactly penalty.
     assert descriptor_distance(a, b, missing_penalty=2.5) ** 2 == pytest.approx(2.5)
     # b vs z: class 1 present at b only (penalty), class 2 absent at both (0).
     assert descriptor_distance(b, z, missing_penalty=2.5) ** 2 == pytest.approx(2.5)
     # With a federation mean different from the present client: penalty + deviation.
-    other = _exact([0, 0], [1, 1], 30, ones * 0.0 + 2.0, ones, [10, 10, 10])
+    other = _exact([0, 0], [1, 1], 300, ones * 0.0 + 2.0, ones, [100, 100, 100])
     nz = BlockNormaliser.fit([a, b, other], scale=False)
     dev = float(np.sum((a.class_mu[2] - nz.class_mu_mean[2]) ** 2))
     assert dev > 0
@@ -173,6 +175,45 @@ def test_missing_class_penalty_semantics():
     )
     e = embed([a, b], nz, missing_penalty=2.5)
     assert float(np.linalg.norm(e[0] - e[1])) == pytest.approx(descriptor_distance(a, b, nz, 2.5))
+
+
+def test_a_class_missed_by_chance_is_not_an_absence():
+    """Few samples: no sample of a class is no evidence that the class is absent. 30 samples at
+    a class share of 1/6 miss it with probability 0.03 (> 0.01 / 3): imputed, no penalty. The
+    same share at 300 samples: absent (probability 1e-23)."""
+    k, c = 2, 3
+    ones = np.ones((c, k))
+    a = _exact([0, 0], [1, 1], 30, ones * 0.0, ones, [10, 10, 10])
+    b = _exact([0, 0], [1, 1], 30, ones * 0.0, ones, [15, 15, 0])
+    assert descriptor_distance(a, b, missing_penalty=2.5) == pytest.approx(0.0)
+    share = np.array([0.4, 0.5, 0.1])  # no sample at 30 draws: class 1 1e-9, class 2 0.04
+    counts = np.array([[15, 15, 0], [150, 150, 0], [29, 0, 1], [10, 10, 10]])
+    got = absent_classes(counts, counts.sum(1), share)
+    assert got.tolist() == [[False, False, False], [False, False, True], [False, True, False]] + [
+        [False] * 3
+    ]
+    assert absent_classes(counts, counts.sum(1), None).tolist() == (counts < 2).tolist()
+
+
+def test_clients_missing_one_class_by_chance_stay_in_their_group():
+    """1,000 tiny clients (48 samples, 10 classes, 3 groups): a third of them miss some class by
+    chance. Counted as absences, these misses formed micro-clusters of the clients missing the
+    same class (40 clusters, ARI 0.49 on FMNIST); the groups must come out whole."""
+    rng = np.random.default_rng(5)
+    k, c, per = 6, 10, 48
+    centres = [rng.normal(0, 1.0, size=(c, k)) for _ in range(3)]
+    truth = np.repeat(np.arange(3), [340, 330, 330])
+    ds = []
+    for g in truth:
+        y = rng.integers(0, c, size=per)
+        x = centres[g][y] + rng.normal(0, 0.7, size=(per, k))
+        acc = MomentAccumulator(c, k)
+        acc.update(torch.from_numpy(x), torch.from_numpy(y))
+        ds.append(acc.finalize())
+    assert np.mean([not d.present.all() for d in ds]) > 0.2
+    res = cluster_descriptors(ds)
+    assert res.num_clusters == 3
+    assert ari_nmi(truth, res.labels)[0] == pytest.approx(1.0)
 
 
 def test_descriptor_distance_equals_embedding_distance_with_normaliser():
