@@ -142,3 +142,42 @@ def test_values_that_would_run_wrong_are_rejected_at_the_start(bad):
     key = next(iter(bad))
     with pytest.raises(ConfigError, match=key):
         RunConfig.from_mapping(bad)
+
+
+def test_a_node_picks_its_own_device():
+    """node-config ``device`` overrides the run's for that node (a CPU site in a run that asks
+    for CUDA trains on its CPU); a bad value is the same clear error as in the run-config."""
+    import torch
+
+    from flux_app.engine.client import ClientRuntime
+
+    node = {"partition-id": 0, "num-partitions": 2}
+    rt = ClientRuntime.from_context({"device": "cuda"}, node | {"device": "cpu"})
+    assert rt.device == torch.device("cpu")
+    assert ClientRuntime.from_context({}, node).cfg.device == "auto"
+    with pytest.raises(ConfigError, match="device"):
+        ClientRuntime.from_context({}, node | {"device": "tpu"})
+
+
+def test_deterministic_mode_follows_the_run():
+    import torch
+
+    from flux_app import testing
+    from flux_app.engine.client import ClientRuntime
+
+    node = {"partition-id": 0, "num-partitions": 2}
+    try:
+        ClientRuntime.from_context({"deterministic": True}, node)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+        ClientRuntime.from_context({}, node)
+        assert not torch.are_deterministic_algorithms_enabled()
+        # on CPU the deterministic kernels are the default ones: the same run, bit for bit
+        base = {"strategy": "flux", "dataset": "synthetic", "num-server-rounds": 2}
+        a, _ = testing.run(base, 4)
+        b, _ = testing.run(base | {"deterministic": True}, 4)
+        assert testing.comparable(a)["rounds"] == testing.comparable(b)["rounds"]
+        assert a["final"]["accuracy_by_client"] == b["final"]["accuracy_by_client"]
+    finally:
+        ClientRuntime.from_context({}, node)

@@ -7,11 +7,27 @@ deployment and in the in-process grid for the same seed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+def set_deterministic(on: bool) -> None:
+    """Deterministic kernels for this process (``on``) or torch's defaults (``off``).
+
+    On: ``torch.use_deterministic_algorithms(True)`` (an op without a deterministic kernel then
+    raises instead of varying), cuDNN deterministic and not autotuned, and the cuBLAS
+    workspace setting deterministic GEMMs need on CUDA >= 10.2 (set before cuBLAS starts).
+    """
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if torch.are_deterministic_algorithms_enabled() != on:
+        torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -42,7 +42,7 @@ from torch import nn
 from flux_app.common.models import build_model, is_dual
 from flux_app.common.records import from_record, get_array_record, to_record
 from flux_app.common.seeding import derive_seed
-from flux_app.common.training import evaluate, resolve_device, train
+from flux_app.common.training import evaluate, resolve_device, set_deterministic, train
 from flux_app.data import ClientData, ShiftSpec, load_source, make_client_data, partition_cache
 from flux_app.data.folder import FolderData, load_folder
 from flux_app.engine.config import RunConfig
@@ -163,6 +163,9 @@ class ClientRuntime:
         cfg = RunConfig.from_mapping(run_config, strict=False)
         if node_config.get("data-root"):
             cfg = cfg.replace(data_root=str(node_config["data-root"]))
+        if node_config.get("device"):  # the node knows its hardware better than the run
+            cfg = cfg.replace(device=str(node_config["device"]))
+        set_deterministic(cfg.deterministic)
         pid, num = node_partition(node_config)
         data_path = str(node_config.get("data-path", "")) if pid < 0 else ""
         return cls(cfg, pid, num, RecordDict() if state is None else state, data_path)
@@ -213,7 +216,7 @@ class ClientRuntime:
 
     @property
     def device(self) -> torch.device:
-        """Where this node computes (run-config ``device``)."""
+        """Where this node computes (run-config ``device``, or the node-config's)."""
         return resolve_device(self.cfg.device)
 
     def seed_for(self, *parts: object) -> int:

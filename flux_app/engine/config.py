@@ -143,6 +143,9 @@ class RunConfig:
     model: str = "auto"
     seed: int = 0
     device: str = "auto"
+    #: deterministic kernels (torch.use_deterministic_algorithms, cuDNN without autotuning); a
+    #: node's node-config ``device`` overrides ``device`` for that node
+    deterministic: bool = False
     output_dir: str = ""
     run_name: str = ""
     eval_every: int = 1
