@@ -216,6 +216,16 @@ def rows(path: str) -> list[dict[str, Any]]:
     return []
 
 
+def checkpoint_round(run_dir: str) -> int:
+    """The round of ``run_dir``'s checkpoint (0 before the first; written atomically)."""
+    from flux_app.engine.checkpoint import StateError, read
+
+    try:
+        return int(read(run_dir)["round"])
+    except StateError:
+        return 0
+
+
 def wait_until(pred: Any, seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
     while not pred():
@@ -300,7 +310,10 @@ def server_crash(link: Loopback, out: str, args: argparse.Namespace) -> dict[str
     cfg = run_config(name, out, args)
     run_id = link.submit(cfg)
     k = args.kill_server_round
-    wait_until(lambda: len(rows(results)) >= k - 1, 900, f"round {k - 1}")
+    # the checkpoint of round k - 1, not its results row: the row is written first, and a kill
+    # between the two would leave round k - 2 as the last checkpoint
+    run_dir = os.path.join(out, name)
+    wait_until(lambda: checkpoint_round(run_dir) >= k - 1, 900, f"round {k - 1}'s checkpoint")
     killed = link.kill_serverapp()
     print(f"[drill] round {k}: killed ServerApp process(es) {killed}", flush=True)
     wait_until(lambda: link.status(run_id).startswith("finished"), 300, "the killed run's end")
