@@ -41,8 +41,8 @@ Missing classes
     one group, all missing the same class) and the IID guard could not merge them back: the
     indicator has no sampling variance in its null model, and the clustering had selected the
     clients by it. 40 clusters for 3 groups (ARI 0.49); counting only significant absences,
-    3 clusters (ARI 1.0). Large clients are unaffected: at ``n = 96`` and ``p_c = 0.1`` two
-    samples or fewer has probability 4e-4 < 0.01 / 10, so every structural absence of a label
+    3 clusters (ARI 1.0). Large clients are unaffected: at ``n = 96`` and ``p_c = 0.1`` one
+    sample or none has probability 4.7e-4 < 0.01 / 10, so every structural absence of a label
     shift with more than ~100 samples a client still counts.
 
 Normalisation (:class:`BlockNormaliser`)
