@@ -192,7 +192,7 @@ def _parse_spec(line: bytes) -> dict[str, Any] | None:
     return spec
 
 
-def zygote_main(preload: list[str], ack_fd: int, warm_up: bool = True) -> int:
+def zygote_main(preload: list[str], ack_fd: int) -> int:
     """Import ``preload`` (and warm torch up), then fork one task process per JSON line on
     stdin until EOF.
 
@@ -205,7 +205,7 @@ def zygote_main(preload: list[str], ack_fd: int, warm_up: bool = True) -> int:
             importlib.import_module(name)
         except ImportError as err:  # a missing optional module only costs its import later
             print(f"[warm-exec] zygote: cannot preload {name}: {err}", file=sys.stderr)
-    if warm_up and "torch" in sys.modules:
+    if "torch" in sys.modules:
         print(f"[warm-exec] zygote: torch warmed up in {_warm_torch():.2f} s", file=sys.stderr)
     os.write(ack_fd, b"ready\n")
     fd = sys.stdin.fileno()
