@@ -91,6 +91,8 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
             "cfl-eps1": 0.4,
             "cfl-eps2": 0.6,
             "cfl-min-round": 3,
+            # few-label routing reported from the same run (FLUX only; issue #14)
+            "flux-routing-labels-sweep": "1,5,20",
         },
         # IFCA / FeSEM are told K = the number of planted groups among the training clients
         "k-from-groups": True,

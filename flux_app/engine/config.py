@@ -140,6 +140,8 @@ class RunConfig:
     #: share of the assigned nodes evaluated in a round (the last round evaluates all)
     fraction_evaluate: float = 1.0
     min_evaluate_nodes: int = 1
+    #: labelled samples per class a routed (test-time / held-out) client uses; 0 = label-free
+    routing_labels: int = 0
     model: str = "auto"
     seed: int = 0
     device: str = "auto"
@@ -364,6 +366,7 @@ def _validate_common(cfg: RunConfig) -> None:
     _check(0 < cfg.fraction_train <= 1, "fraction-train", cfg.fraction_train, "in (0, 1]")
     _check(0 < cfg.fraction_evaluate <= 1, "fraction-evaluate", cfg.fraction_evaluate, "in (0, 1]")
     _check(cfg.min_evaluate_nodes >= 1, "min-evaluate-nodes", cfg.min_evaluate_nodes, ">= 1")
+    _check(0 <= cfg.routing_labels <= 10_000, "routing-labels", cfg.routing_labels, "in [0, 10000]")
     for key in ("max-model-norm-ratio", "max-update-norm-ratio", "max-train-size-ratio"):
         value = getattr(cfg, key.replace("-", "_"))
         _check(value == 0 or value > 1, key, value, "0 (no bound) or > 1")

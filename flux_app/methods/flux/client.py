@@ -4,13 +4,20 @@ The server sends the frozen extractor (the global model of the clustering round)
 ConfigRecord ``config`` with:
 
 ``label-free``  bool, only the marginal moments (routing of unlabeled clients)
-``split``       ``train`` (the clustering descriptor) or ``test`` (data met at test time)
+``split``       ``train`` (the clustering descriptor), ``val`` (the same on the validation
+                split: the server measures the descriptors' noise on train/val pairs) or
+                ``test`` (data met at test time)
 ``proj-dim``    K, rows of the shared-seed projection (0 = number of classes)
 ``proj-seed``   the seed every party uses for the projection
 ``dp-clip``, ``dp-noise``, ``dp-mechanism``, ``dp-seeded-noise``  optional privacy (see
                 :func:`flux_app.methods.flux.descriptors.privatize` for the sensitivity bound)
+``routing-labels``  k > 0 (only with ``label-free`` and ``split=test``): also send the class
+                moments of up to k labelled test samples per class (few-label routing,
+                :mod:`flux_app.methods.flux.fewshot`); never with descriptor noise
 
-and gets back ArrayRecord ``descriptor`` (the arrays of :class:`FluxDescriptor`).
+and gets back ArrayRecord ``descriptor`` (the arrays of :class:`FluxDescriptor`) and, with
+``routing-labels``, ArrayRecord ``labelled`` (the arrays of
+:class:`~flux_app.methods.flux.fewshot.ClassSample`).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from flux_app.common.training import batches
 from flux_app.engine.client import ClientRuntime, config_of
 from flux_app.engine.registry import register_query
 from flux_app.methods.flux.descriptors import compute_flux_descriptor, privatize, projection_matrix
+from flux_app.methods.flux.fewshot import compute_class_sample, select_labelled
 
 
 @register_query("descriptor")
@@ -32,16 +40,22 @@ def handle_descriptor(content: RecordDict, rt: ClientRuntime) -> RecordDict:
     config = config_of(content)
     label_free = bool(config.get("label-free", False))
     split = str(config.get("split", "train"))
-    if split not in ("train", "test"):
-        raise ValueError(f"descriptor split must be train or test, not {split!r}")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"descriptor split must be train, val or test, not {split!r}")
     model = rt.model_from(content)
     device = rt.device
     model.to(device).eval()
     d = rt.data
-    x, y = (d.x_train, d.y_train) if split == "train" else (d.x_test, d.y_test)
+    x, y = {
+        "train": (d.x_train, d.y_train),
+        "val": (d.x_val, d.y_val),
+        "test": (d.x_test, d.y_test),
+    }[split]
     if split == "test" and label_free and not len(x):  # a site with only unlabeled inputs
         x = rt.unlabeled
         y = torch.zeros(len(x), dtype=torch.int64)  # unused: the label-free moments only
+    if not len(x):
+        raise ValueError(f"no {split} data for a descriptor")
     # K defaults to the number of classes, capped at the feature width (CIFAR-100 on LeNet-5).
     k = int(config.get("proj-dim", 0)) or min(d.num_classes, model.feature_dim)
     projection = projection_matrix(model.feature_dim, k, int(config.get("proj-seed", 0)))
@@ -63,4 +77,24 @@ def handle_descriptor(content: RecordDict, rt: ClientRuntime) -> RecordDict:
         else:  # fresh OS entropy: nobody who knows the run's seed can subtract the noise
             rng = np.random.default_rng()
         desc = privatize(desc, clip, noise, str(config.get("dp-mechanism", "gaussian")), rng)
-    return RecordDict({"descriptor": arrays_to_record(desc.to_arrays())})
+    reply = {"descriptor": arrays_to_record(desc.to_arrays())}
+    k = int(config.get("routing-labels", 0))
+    if k > 0:
+        if not (label_free and split == "test"):
+            raise ValueError("routing-labels applies to a label-free test-split descriptor only")
+        if noise > 0:
+            raise ValueError(
+                "routing-labels with descriptor noise: few-shot moments are not noised"
+            )
+        if len(d.y_test):  # a site with only unlabeled inputs has no labelled sample to give
+            idx = select_labelled(d.y_test, k, rt.seed_for("routing-labels"))
+            sample = compute_class_sample(
+                lambda xb: model.features(xb.to(device)),
+                d.x_test[idx],
+                d.y_test[idx],
+                projection,
+                d.num_classes,
+                clip_norm=clip,
+            )
+            reply["labelled"] = arrays_to_record(sample.to_arrays())
+    return RecordDict(reply)

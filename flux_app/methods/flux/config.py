@@ -42,6 +42,13 @@ class FluxConfig(ConfigSection):
     #: draw descriptor noise from the run's seed (reproducible, NOT private against a server
     #: that knows the seed: for simulations); default: the node's OS entropy
     dp_seeded_noise: bool = False
+    #: extra routing-labels values evaluated at the end (``"1,5,20"``): a column per k
+    routing_labels_sweep: str = ""
+
+    def sweep(self) -> list[int]:
+        """``routing-labels-sweep`` as integers (validated)."""
+        text = self.routing_labels_sweep.strip()
+        return [int(v) for v in text.split(",")] if text else []
 
     def validate(self) -> None:  # noqa: D102
         self.choice("clusterer", ("hdbscan", "knee-dbscan"))
@@ -58,6 +65,20 @@ class FluxConfig(ConfigSection):
         self.check(0 <= self.dp_clip < math.inf, "dp_clip", "a finite number >= 0")
         self.check(0 <= self.dp_noise < math.inf, "dp_noise", "a finite number >= 0")
         self.check(0 < self.dp_delta < 1, "dp_delta", "in (0, 1)")
+        try:
+            ks = self.sweep()
+        except ValueError:
+            ks = [-1]
+        self.check(
+            all(0 <= k <= 10_000 for k in ks),
+            "routing_labels_sweep",
+            'comma-separated integers in [0, 10000], e.g. "1,5,20"',
+        )
+        self.check(
+            not (self.dp_noise > 0 and ks and max(ks) > 0),
+            "routing_labels_sweep",
+            "empty when flux-dp-noise > 0 (few-shot class moments are not noised)",
+        )
         self.check(
             not (self.dp_noise > 0 and self.dp_clip <= 0),
             "dp_noise",

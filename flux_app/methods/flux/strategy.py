@@ -20,7 +20,10 @@ Routing (test-time adaptation)
     sigma) of their TEST inputs with E and go to the nearest centroid. ``accuracy_routed`` does the
     same for the training nodes' test data (the paper's "test phase"); ``accuracy_known`` uses the
     cluster assigned in training. A pure P(Y|X) shift is invisible without labels: routing cannot
-    separate label-swapped groups whose inputs look alike.
+    separate label-swapped groups whose inputs look alike. With ``routing-labels=k`` a routed
+    node also sends the class moments of up to k labelled test samples per class and goes to
+    the cluster of highest likelihood (:mod:`flux_app.methods.flux.fewshot`), which does
+    separate them; ``flux-routing-labels-sweep`` reports extra values of k from the same run.
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ from flwr.app import ConfigRecord, RecordDict
 
 from flux_app.common.params import State, clone_state
 from flux_app.common.records import get_array_record, record_to_arrays, to_record
+from flux_app.engine.config import ConfigError
 from flux_app.engine.metrics import mean
 from flux_app.engine.registry import register_strategy
 from flux_app.engine.strategy import ClusteredStrategy
 from flux_app.methods.flux.clustering import FluxClustering, cluster_descriptors, route_many
 from flux_app.methods.flux.config import FluxConfig
 from flux_app.methods.flux.descriptors import FluxDescriptor
+from flux_app.methods.flux.fewshot import ClassSample, route_with_labels
 from flux_app.methods.flux.privacy import privacy_report
 from flux_app.methods.flux.router import save_router
 
@@ -67,6 +72,13 @@ class Flux(ClusteredStrategy):
         #: node name -> descriptors it was asked for, by kind ("full", "label_free"), for
         #: final.privacy (plain dicts of str and int: a checkpoint can carry them)
         self.descriptor_releases: dict[str, dict[str, int]] = {}
+        #: the clustering round's validation descriptors, aligned with fit_clusters' input
+        self.noise_checks: list[FluxDescriptor | None] | None = None
+        if self.opts.dp_noise > 0 and self.cfg.routing_labels > 0:
+            raise ConfigError(
+                "routing-labels > 0 with flux-dp-noise > 0: the few-shot class moments a routed "
+                "node sends are not noised; use one or the other"
+            )
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {
@@ -114,8 +126,10 @@ class Flux(ClusteredStrategy):
             self.val_history.append((server_round, float(row["val_accuracy"])))
 
     # ------------------------------------------------------------------ clustering
-    def descriptor_content(self, server_round: int, *, label_free: bool, split: str) -> RecordDict:
-        """The ``query.descriptor`` payload: extractor + settings."""
+    def descriptor_content(
+        self, server_round: int, *, label_free: bool, split: str, labels: int = 0
+    ) -> RecordDict:
+        """The ``query.descriptor`` payload: extractor + settings (``labels``: routing-labels)."""
         cfg = self.opts
         conf = {
             "server-round": server_round,
@@ -129,10 +143,18 @@ class Flux(ClusteredStrategy):
         }
         if cfg.dp_seeded_noise:  # sent only when on: other runs' messages stay byte-identical
             conf["dp-seeded-noise"] = True
+        if labels > 0:  # likewise
+            conf["routing-labels"] = int(labels)
         return RecordDict({"arrays": to_record(self.extractor), "config": ConfigRecord(conf)})
 
     def collect_descriptors(
-        self, node_ids: list[int], server_round: int, *, label_free: bool, split: str
+        self,
+        node_ids: list[int],
+        server_round: int,
+        *,
+        label_free: bool,
+        split: str,
+        exclude: bool = True,
     ) -> dict[int, FluxDescriptor]:
         """Ask nodes for descriptors; keep the valid ones, log a reason for the others.
 
@@ -155,6 +177,34 @@ class Flux(ClusteredStrategy):
                 arrays, self.nodes[node_id].num_classes, dim, label_free
             )
 
+        return self.collect(
+            DESCRIPTOR, contents, server_round, parse, what="descriptor", exclude=exclude
+        )
+
+    def collect_routing(
+        self, node_ids: list[int], server_round: int, labels: int
+    ) -> dict[int, tuple[FluxDescriptor, ClassSample | None]]:
+        """Routing descriptors with ``labels`` labelled samples per class: each valid reply's
+        label-free descriptor and its few-shot class moments (None when the node had none)."""
+        for n in node_ids:
+            counts = self.descriptor_releases.setdefault(self.nodes[n].name, {})
+            counts["label_free"] = counts.get("label_free", 0) + 1
+            counts["few_labels"] = counts.get("few_labels", 0) + 1
+        contents = {
+            n: self.descriptor_content(server_round, label_free=True, split="test", labels=labels)
+            for n in node_ids
+        }
+        dim = self.result.normaliser.dim
+
+        def parse(node_id: int, content: RecordDict) -> tuple[FluxDescriptor, ClassSample | None]:
+            arrays = record_to_arrays(get_array_record(content, "descriptor"))
+            classes = self.nodes[node_id].num_classes
+            desc = FluxDescriptor.from_arrays(arrays, classes, dim, True)
+            if "labelled" not in content.array_records:
+                return desc, None
+            got = record_to_arrays(get_array_record(content, "labelled"))
+            return desc, ClassSample.from_arrays(got, classes, dim, labels)
+
         return self.collect(DESCRIPTOR, contents, server_round, parse, what="descriptor")
 
     def feature_dim(self) -> int:
@@ -171,7 +221,14 @@ class Flux(ClusteredStrategy):
             logger.warning("no valid descriptor: staying with one global model")
             return
         ids = self.ordered(descs)
+        self.noise_checks = None
+        if self.cfg.val_fraction > 0:  # the noise check: the same descriptor on the val split
+            got = self.collect_descriptors(
+                ids, server_round, label_free=False, split="val", exclude=False
+            )
+            self.noise_checks = [got.get(n) for n in ids]
         self.result = self.fit_clusters([descs[n] for n in ids])
+        self.noise_checks = None  # only the clustering round's fit uses them
         self.cluster_round = server_round
         global_model = self.models[0]
         self.models = {z: clone_state(global_model) for z in range(self.result.num_clusters)}
@@ -202,8 +259,10 @@ class Flux(ClusteredStrategy):
     def fit_clusters(self, descriptors: list[FluxDescriptor]) -> FluxClustering:
         """Hook: turn the training nodes' descriptors into clusters (FLUX: no K given).
 
-        A subclass may cluster differently; routing only needs the returned
-        :class:`FluxClustering` (labels, normaliser, label-free centroids).
+        ``self.noise_checks`` holds, in the same order, each node's descriptor of its
+        validation split (None where it sent none; ``None`` when ``val-fraction`` is 0): what
+        measures the descriptors' own noise. A subclass may cluster differently; routing only
+        needs the returned :class:`FluxClustering` (labels, normaliser, label-free centroids).
         """
         cfg = self.opts
         return cluster_descriptors(
@@ -215,17 +274,33 @@ class Flux(ClusteredStrategy):
             iid_guard=cfg.iid_guard,
             missing_penalty=cfg.missing_penalty,
             seed=self.cfg.seed,
+            noise_check=self.noise_checks,
         )
 
     # ------------------------------------------------------------------ routing
-    def route(self, node_ids: list[int], server_round: int) -> dict[int, int | None]:
-        """Nearest centroid by the label-free descriptor of each node's test inputs."""
+    def route(
+        self, node_ids: list[int], server_round: int, labels: int | None = None
+    ) -> dict[int, int | None]:
+        """Nearest centroid by the label-free descriptor of each node's test inputs; with
+        ``labels`` (default: ``routing-labels``) > 0, the most likely cluster given that
+        descriptor and the node's few labelled samples (:func:`route_with_labels`)."""
         if not node_ids:
             return {}
         if self.result is None or self.extractor is None:
             return {n: 0 for n in node_ids}  # before clustering there is one global model
-        descs = self.collect_descriptors(node_ids, server_round, label_free=True, split="test")
+        labels = self.cfg.routing_labels if labels is None else labels
         out: dict[int, int | None] = {n: None for n in node_ids}
+        if labels > 0 and not self.result.normaliser.label_free:
+            got = self.collect_routing(node_ids, server_round, labels)
+            with_labels = [n for n in self.ordered(got) if got[n][1] is not None]
+            if with_labels:
+                clusters, _ = route_with_labels(
+                    [got[n][0] for n in with_labels], [got[n][1] for n in with_labels], self.result
+                )
+                out.update({n: int(z) for n, z in zip(with_labels, clusters, strict=True)})
+            descs = {n: got[n][0] for n in got if got[n][1] is None}
+        else:
+            descs = self.collect_descriptors(node_ids, server_round, label_free=True, split="test")
         ids = self.ordered(descs)
         if ids:
             clusters, _ = route_many([descs[n] for n in ids], self.result)
@@ -261,12 +336,47 @@ class Flux(ClusteredStrategy):
                 accs.append(self.last_eval[n]["accuracy"])
             elif n in extra:
                 accs.append(extra[n]["accuracy"])
-        return {
+        out = {
             "accuracy_routed": mean(accs),
             "routing_agreement": float(np.mean(agree)) if agree else None,
             "cluster_round": self.cluster_round,
-            "privacy": self.privacy(),  # after the routing above: it releases descriptors too
         }
+        out.update(self.routing_sweep(trainers, end))
+        out["privacy"] = self.privacy()  # after the routing above: it releases descriptors too
+        return out
+
+    def routing_sweep(self, trainers: list[int], end: int) -> dict[str, float | None]:
+        """``accuracy_routed_k<k>`` / ``accuracy_holdout_k<k>`` for each k of
+        ``flux-routing-labels-sweep``: the training nodes' test data and the held-out nodes
+        routed with k labelled samples per class, each (node, cluster) evaluated once."""
+        ks = self.opts.sweep()
+        if not ks:
+            return {}
+        known = {(n, self.assignment.get(n)): self.last_eval[n]["accuracy"] for n in trainers}
+        holdouts = [n for n in self.holdout_nodes() if self.nodes[n].num_test > 0]
+        out: dict[str, float | None] = {}
+        for k in ks:
+            routed = self.route(trainers + holdouts, end, labels=k)
+            todo = {
+                n: self.models[z]
+                for n, z in routed.items()
+                if z is not None and z in self.models and (n, z) not in known
+            }
+            for n, m in self.evaluate_nodes(todo, end).items():
+                known[(n, routed[n])] = m["accuracy"]
+
+            def acc(nodes: list[int], routed: dict[int, int | None] = routed) -> float | None:
+                return mean(known[(n, routed[n])] for n in nodes if (n, routed[n]) in known)
+
+            out[f"accuracy_routed_k{k}"] = acc(trainers)
+            out[f"accuracy_holdout_k{k}"] = acc(holdouts) if holdouts else None
+            logger.info(
+                "flux: routing-labels=%d: routed %s, held-out %s",
+                k,
+                out[f"accuracy_routed_k{k}"],
+                out[f"accuracy_holdout_k{k}"],
+            )
+        return out
 
     def privacy(self) -> dict[str, Any] | None:
         """results.json's ``final.privacy`` (:func:`~flux_app.methods.flux.privacy.privacy_report`)
