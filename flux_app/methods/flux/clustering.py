@@ -77,12 +77,19 @@ Clustering (:func:`cluster_descriptors`), no K given
       federations with weak groups, ``allow_single_cluster=True`` made HDBSCAN keep the root
       (mean ARI 0.38 vs 0.96 at a small shift) while the guard alone kept every IID federation
       whole. Without the guard, ``allow_single_cluster=True`` lets HDBSCAN return one cluster.
-    * ``"knee-dbscan"`` (the reference): ``eps`` = knee of the sorted 1-NN distance curve (point of
-      maximum distance below the chord after rescaling both axes to [0, 1]); connected components
-      of the eps-graph with ``min_samples=2`` (sklearn DBSCAN, sparse neighbourhoods). No knee
-      (fewer than 3 clients, flat or near-linear curve: the maximum gap below the chord is less
-      than ``0.05``): ``eps`` = the largest 1-NN distance (every client joins its nearest
-      neighbour; the components are single-linkage groups), with a note.
+    * ``"knee-dbscan"`` (the reference): ``eps`` = knee of the sorted 1-NN distance curve as the
+      reference finds it with ``kneed.KneeLocator(curve="convex", direction="increasing", S=1)``:
+      Kneedle's FIRST confirmed knee, walking from the largest distances down (a local maximum
+      of the gap below the chord, both axes in [0, 1], after which the gap falls by more than
+      ``S / (m - 1)`` before the next local maximum; :func:`knee_point` with ``rule="first"``,
+      kneed >= 0.8.6 semantics after a local minimum, ``after_minimum="reset"`` for older
+      kneed). It can differ from the point of maximum gap, the rule used before (still
+      ``rule="max"``). Then connected components of the eps-graph with ``min_samples=2``
+      (sklearn DBSCAN, sparse neighbourhoods; a neighbour at exactly ``eps`` counts, as
+      sklearn's ``<= eps`` says). No knee (fewer than 3 clients, a flat curve, or no local
+      maximum confirmed): ``eps`` = the largest 1-NN distance (every client joins its nearest
+      neighbour; the components are single-linkage groups), with a note; the reference has no
+      fallback there (``DBSCAN(eps=None)`` fails).
     * Noise points (label -1): ``noise_policy="singleton"`` gives each its own cluster (the
       reference). ``"attach"`` (default) joins the nearest cluster centroid when the distance is
       ``<= attach_tolerance * max(r_p, r_global)``, with ``r_p`` the cluster's median
@@ -137,6 +144,29 @@ IID guard ("no structure -> one cluster")
     most clients of *different* groups into one cluster, ``lambda`` grows and weak groups can be
     merged away.
 
+Small groups (measured noise)
+    The inflation ``lambda`` estimated from within-cluster residuals assumes the density
+    clustering's clusters are pure; where groups have one or two clients (FLUX protocol, level 8:
+    10 clients in 5-10 groups) HDBSCAN must lump distinct clients, ``lambda`` hits its cap and the
+    guard merges real groups (py level 8: ``lambda`` 4.6-5.1, ARI 0.76; px level 8: 10.0). The
+    FLUX strategy therefore also asks every training client for the descriptor of its
+    validation split (``noise_check``: a second, disjoint sample of the same distribution).
+    ``e_train - e_val`` is pure sampling noise, so ``lambda`` is measured on those pairs
+    (:func:`measured_inflation`: median ratio of ``||e_train - e_val||^2`` to its model
+    expectation over the coordinates both observe), with no clustering involved. With a measured
+    ``lambda`` the noise model, not a distance tolerance, decides every grouping:
+
+    * noise points of the density clustering become singletons (the guard merges them where the
+      difference is not significant);
+    * a cluster with a member significantly unlike the centroid of the others (the guard's test
+      and threshold, Bonferroni over the clients) is returned to its members;
+    * the guard then merges every pair that is not significantly different, as above.
+
+    So a client significantly unlike every other stays alone (Local), two significantly
+    different one-client groups are never merged, and an IID federation still merges into one
+    cluster (its pairs are not significant). Without validation descriptors (``val-fraction``
+    0) the residual estimate is used, as before.
+
 Scale
     For ``n > max_dense`` clients, clustering (and the guard) run on a seeded random subset of
     ``max_dense`` clients; the rest are assigned to the nearest centroid with
@@ -177,6 +207,7 @@ __all__ = [
     "embed",
     "knee_point",
     "label_free_embed",
+    "measured_inflation",
     "route",
     "route_many",
 ]
@@ -681,13 +712,66 @@ def assign_to_centroids(
     return labels, dist
 
 
-def knee_point(values: np.ndarray, min_gap: float = KNEE_MIN_GAP) -> int | None:
+def knee_point(
+    values: np.ndarray,
+    min_gap: float = KNEE_MIN_GAP,
+    *,
+    rule: str = "max",
+    sensitivity: float = 1.0,
+    after_minimum: str = "wait",
+) -> int | None:
     """Index of the knee of an increasing curve (``values`` are sorted ascending first).
 
-    Both axes are rescaled to [0, 1]; the knee is the point farthest *below* the chord from the
-    first to the last point. Returns ``None`` (no knee) for fewer than 3 points, a flat curve,
-    or when that gap is below ``min_gap`` (near-linear or concave curve).
+    Both axes are rescaled to [0, 1] (x = the rank ``0..m-1``); the difference curve is
+    ``gap_k = k / (m - 1) - y_k``, how far the curve lies below the chord from its first to its
+    last point.
+
+    Parameters
+    ----------
+    values : np.ndarray
+        ``[m]`` the curve's values (knee-DBSCAN: the clients' 1-NN distances).
+    min_gap : float
+        ``rule="max"`` only: no knee when the largest gap is below it (near-linear or concave
+        curve). The Kneedle rule has no such floor: ``sensitivity`` alone decides.
+    rule : {"max", "first"}
+        ``"max"`` (this function's default, kept for its callers): the point of the largest gap.
+        ``"first"`` (what knee-DBSCAN uses by default): Kneedle's first confirmed knee (Satopaa
+        et al. 2011) as the ``kneed`` package computes it offline (``KneeLocator(range(m),
+        sorted values, S=sensitivity, curve="convex", direction="increasing")``, the FLUX
+        reference's call). For a convex increasing curve Kneedle mirrors the curve, so it walks
+        the difference curve from the LARGEST values down and its "first" knee is the one
+        nearest the top. At each local maximum ``t`` of the walk (a point not below either
+        neighbour; an end has one neighbour) the threshold becomes ``gap_t - sensitivity /
+        (m - 1)`` (``1 / (m - 1)`` is the mean step of the normalised x); the knee is that
+        maximum as soon as the next point of the walk is strictly below the threshold, before
+        the next local maximum replaces it. ``None`` when no maximum is ever confirmed.
+    sensitivity : float
+        Kneedle's ``S`` (the reference uses kneed's default 1).
+    after_minimum : {"wait", "reset"}
+        ``rule="first"`` only, what a local minimum of the walk (a point not above either
+        neighbour; a plateau point is both) does. ``"wait"`` (default, kneed >= 0.8.6, the
+        version pip installs today): no knee is declared until the next local maximum.
+        ``"reset"`` (kneed <= 0.8.5, the paper's "reset the threshold to 0"): the threshold
+        becomes 0, so a walk that dips below the chord there confirms the last maximum. The
+        two differ only where the curve rises above its chord; which kneed the reference ran
+        is not pinned.
+
+    Returns
+    -------
+    int or None
+        Index into the sorted values; ``None`` (no knee) for fewer than 3 points, a flat curve,
+        or as each rule says.
+
+    Notes
+    -----
+    ``rule="first"`` rounds the gaps to 12 decimals before comparing them, so that ties (a
+    straight curve, segments parallel to the chord) do not hinge on floating-point noise; kneed
+    compares raw floats, so on a perfectly straight curve its answer depends on rounding.
     """
+    if rule not in ("max", "first"):
+        raise ValueError(f"rule must be 'max' or 'first', not {rule!r}")
+    if after_minimum not in ("wait", "reset"):
+        raise ValueError(f"after_minimum must be 'wait' or 'reset', not {after_minimum!r}")
     y = np.sort(np.asarray(values, dtype=np.float64))
     m = y.shape[0]
     if m < 3:
@@ -696,10 +780,30 @@ def knee_point(values: np.ndarray, min_gap: float = KNEE_MIN_GAP) -> int | None:
     if span <= _TINY * max(1.0, abs(y[-1])):
         return None
     gap = np.linspace(0.0, 1.0, m) - (y - y[0]) / span
-    i = int(np.argmax(gap))
-    if gap[i] < min_gap:
-        return None
-    return i
+    if rule == "max":
+        i = int(np.argmax(gap))
+        if gap[i] < min_gap:
+            return None
+        return i
+    # Kneedle's walk over the mirrored curve: step t of the walk is index m - 1 - t.
+    d = np.round(gap[::-1], 12)
+    before = np.concatenate([d[:1], d[:-1]])  # an end is compared with its one neighbour only
+    after = np.concatenate([d[1:], d[-1:]])
+    is_max = (d >= before) & (d >= after)
+    is_min = (d <= before) & (d <= after)
+    step = sensitivity / (m - 1)
+    threshold, anchor, armed = 0.0, -1, False
+    for t in range(int(np.argmax(is_max)), m - 1):  # from the first local maximum
+        if is_max[t]:
+            threshold, anchor, armed = d[t] - step, t, True
+        if is_min[t]:
+            if after_minimum == "wait":
+                armed = False
+            else:
+                threshold = 0.0
+        if armed and d[t + 1] < threshold:
+            return m - 1 - anchor
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -726,6 +830,11 @@ class FluxClustering:
     method : str
     notes : list of str
         Fallbacks taken and guard decisions, human readable.
+    routing_scatter : np.ndarray or None
+        ``[2]`` pooled within-cluster variance per coordinate of the label-free blocks (marginal
+        mean, marginal std): the label-free part of few-label routing
+        (:func:`~flux_app.methods.flux.fewshot.route_with_labels`); None for clusterings made
+        before it existed.
     """
 
     labels: np.ndarray
@@ -736,6 +845,7 @@ class FluxClustering:
     missing_penalty: float = 1.0
     method: str = "hdbscan"
     notes: list[str] = field(default_factory=list)
+    routing_scatter: np.ndarray | None = None
 
     @property
     def sizes(self) -> np.ndarray:
@@ -757,6 +867,8 @@ class FluxClustering:
         :func:`embed`): labels renumbered ``0..Z-1`` in sorted order, centroids the cluster
         means, the first ``label_free_dim`` (= 2K) columns the label-free part routing uses.
         What a FLUX variant with its own clustering rule returns."""
+        from flux_app.methods.flux.fewshot import routing_scatter
+
         labels = np.unique(np.asarray(labels), return_inverse=True)[1]
         centroids = np.stack([x[labels == z].mean(axis=0) for z in range(labels.max() + 1)])
         return cls(
@@ -767,6 +879,7 @@ class FluxClustering:
             normaliser=normaliser,
             missing_penalty=missing_penalty,
             method=method,
+            routing_scatter=routing_scatter(x[:, :label_free_dim], labels, label_free_dim // 2),
         )
 
 
@@ -825,13 +938,26 @@ def _run_hdbscan(x: np.ndarray, min_cluster_size: int, allow_single_cluster: boo
         return np.asarray(model.fit_predict(x), dtype=np.int64)
 
 
-def _run_knee_dbscan(x: np.ndarray, notes: list[str]) -> np.ndarray:
+def _run_knee_dbscan(
+    x: np.ndarray, notes: list[str], rule: str = "first", after_minimum: str = "wait"
+) -> np.ndarray:
+    """Knee-DBSCAN labels of the embedded clients ``x`` (``-1`` = noise).
+
+    ``eps`` is the sorted 1-NN distance at :func:`knee_point`'s knee (``rule="first"``: the
+    reference's kneed rule; ``"max"``: the largest gap below the chord, this module's rule
+    before), the largest 1-NN distance when there is none (with a note). sklearn's DBSCAN counts
+    a neighbour at distance ``<= eps``, so in the reference's ``DBSCAN(eps=knee value)`` the
+    knee client's own nearest neighbour is inside in exact arithmetic; but DBSCAN recomputes the
+    distance another way than ``kneighbors`` did, and the last-bit difference left the client
+    whose 1-NN distance was ``eps`` without that neighbour in about a quarter of random trials.
+    ``eps * (1 + 1e-9)`` keeps the exact-arithmetic answer.
+    """
     from sklearn.neighbors import NearestNeighbors
 
     nn = NearestNeighbors(n_neighbors=2).fit(x)
     d, _ = nn.kneighbors(x)
     d1 = d[:, 1]
-    i = knee_point(d1)
+    i = knee_point(d1, rule=rule, after_minimum=after_minimum)
     if i is None:
         eps = float(d1.max())
         notes.append("no knee in the 1-NN distance curve: eps = largest 1-NN distance")
@@ -839,7 +965,7 @@ def _run_knee_dbscan(x: np.ndarray, notes: list[str]) -> np.ndarray:
         eps = float(np.sort(d1)[i])
     scale = float(np.median(np.linalg.norm(x - np.median(x, axis=0), axis=1)))
     eps = max(eps, 1e-9 * max(scale, 1.0))  # DBSCAN needs eps > 0 (duplicates give 0)
-    eps *= 1.0 + 1e-9  # include points exactly at eps
+    eps *= 1.0 + 1e-9  # a neighbour exactly at eps is inside (sklearn: distance <= eps)
     from sklearn.cluster import DBSCAN
 
     return np.asarray(DBSCAN(eps=eps, min_samples=2).fit_predict(x), dtype=np.int64)
@@ -878,8 +1004,10 @@ def _iid_guard(
     ratio: float,
     alpha: float,
     notes: list[str],
+    inflation: float | None = None,
 ) -> np.ndarray:
-    """Merge clusters whose separation is not significant against sampling noise."""
+    """Merge clusters whose separation is not significant against sampling noise
+    (``inflation``: the measured noise inflation; None = estimate it from the clusters)."""
     labels = _relabel(labels)
     z = int(labels.max()) + 1
     if z == 1:
@@ -889,8 +1017,9 @@ def _iid_guard(
     # Noise inflation from within-cluster residuals (clusters of size >= 2).
     cent = sums / sizes[:, None]
     big = sizes[labels] >= 2
-    inflation = 1.0
-    if big.any():
+    measured = inflation is not None
+    inflation = 1.0 if inflation is None else float(inflation)
+    if big.any() and not measured:
         mi = sizes[labels][big]
         resid = np.sum((x[big] - cent[labels[big]]) ** 2, axis=1)
         expect = np.sum(
@@ -904,7 +1033,7 @@ def _iid_guard(
 
             raw = float(np.median(resid[ok] / expect[ok])) / (chi2.median(nu) / nu)
             inflation = float(np.clip(raw, 1.0, MAX_INFLATION))
-    if inflation > 1.0 + 1e-9:
+    if inflation > 1.0 + 1e-9 and not measured:
         notes.append(
             f"IID guard: descriptor noise inflated by {inflation:.2f} (within-cluster residuals)"
         )
@@ -981,6 +1110,113 @@ def _iid_guard(
     return _relabel(labels)
 
 
+def measured_inflation(
+    train: Sequence[FluxDescriptor | None],
+    check: Sequence[FluxDescriptor | None],
+    normaliser: BlockNormaliser,
+) -> float | None:
+    """The descriptor-noise inflation ``lambda`` measured on pairs of one client's descriptors.
+
+    ``check[i]`` is client ``i``'s descriptor of a second, disjoint sample of its own
+    distribution (its validation split). Both estimate the same moments, so (module docstring,
+    "Small groups") ``E||e_train - e_check||^2 = lambda (V_train + V_check)`` over the
+    coordinates both observe; ``lambda`` is the median over clients of that ratio, divided by
+    the chi-square median so that it is 1 when the noise model holds, and clipped to
+    ``[1, MAX_INFLATION]``. No clustering is involved, so mixed clusters cannot inflate it.
+
+    Returns
+    -------
+    float or None
+        None when fewer than 2 clients have a usable pair.
+    """
+    pairs = [
+        (a, b)
+        for a, b in zip(train, check, strict=True)
+        if a is not None and b is not None and not a.is_label_free and not b.is_label_free
+    ]
+    if len(pairs) < 2:
+        return None
+    sa = _stack([a for a, _ in pairs], label_free=False)
+    sb = _stack([b for _, b in pairs], label_free=False)
+    xa, xb = _embed_stack(sa, normaliser, 0.0), _embed_stack(sb, normaliser, 0.0)
+    va, vb = _noise_var_stack(sa, normaliser), _noise_var_stack(sb, normaliser)
+    k, c, m = normaliser.dim, normaliser.num_classes, len(pairs)
+    both = np.repeat(sa.present & sb.present, k, axis=1)  # [m, C*K]
+    mask = np.concatenate([np.ones((m, 2 * k), bool), both, both, np.zeros((m, c), bool)], 1)
+    var = np.where(mask, va + vb, 0.0)
+    total = var.sum(axis=1)
+    ok = total > 0
+    if ok.sum() < 2:
+        return None
+    ratio = np.where(mask, (xa - xb) ** 2, 0.0).sum(axis=1)[ok] / total[ok]
+    nu = float(np.median(total[ok] ** 2 / np.maximum((var[ok] ** 2).sum(axis=1), 1e-300)))
+    from scipy.stats import chi2
+
+    raw = float(np.median(ratio)) / (chi2.median(nu) / nu)
+    return float(np.clip(raw, 1.0, MAX_INFLATION))
+
+
+def _dissolve_mixed(
+    x: np.ndarray,
+    v: np.ndarray,
+    labels: np.ndarray,
+    inflation: float,
+    ratio: float,
+    alpha: float,
+    notes: list[str],
+) -> np.ndarray:
+    """Split every cluster with a member significantly unlike the rest into singletons.
+
+    Member ``i`` of cluster ``p`` (``|p| >= 2``) against the centroid of the other members:
+    ``T_i = ||x_i - c_{p-i}||^2 / (lambda (V_i + Var(c_{p-i})))``, significant when above the
+    guard's threshold ``max(ratio, chi2_{1-alpha/n}(nu_i) / nu_i)``. A significant member means
+    the density clustering joined distributions the noise model tells apart, so the cluster
+    is returned to its members and the guard (which only merges) rebuilds what is not
+    significantly different. Returns new labels (relabelled).
+    """
+    labels = _relabel(labels)
+    z = int(labels.max()) + 1
+    sums, sizes = _cluster_sums(x, labels, z)
+    vsum, _ = _cluster_sums(v, labels, z)
+    n = x.shape[0]
+    m = sizes[labels]
+    multi = m >= 2
+    if not multi.any():
+        return labels
+    from scipy.stats import chi2
+
+    rest = np.where(multi, m - 1.0, 1.0)
+    c_rest = (sums[labels] - x) / rest[:, None]
+    var_rest = (vsum[labels] - v) / (rest**2)[:, None]
+    vv = v + var_rest
+    e = inflation * vv.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(e > 0, np.sum((x - c_rest) ** 2, axis=1) / np.where(e > 0, e, 1.0), 0.0)
+        nu = np.where(
+            (vv**2).sum(axis=1) > 0,
+            vv.sum(axis=1) ** 2 / np.maximum((vv**2).sum(axis=1), 1e-300),
+            np.inf,
+        )
+    q = np.ones(n)
+    fin = np.isfinite(nu) & multi
+    q[fin] = chi2.isf(alpha / max(1, n), nu[fin]) / nu[fin]
+    bad = multi & (t > np.maximum(ratio, q))
+    mixed = np.unique(labels[bad])
+    if not len(mixed):
+        return labels
+    out = labels.copy()
+    nxt = z
+    for p in mixed:
+        members = np.flatnonzero(labels == p)
+        out[members[1:]] = np.arange(nxt, nxt + len(members) - 1)
+        nxt += len(members) - 1
+    notes.append(
+        f"small groups: {len(mixed)} cluster(s) held a member significantly unlike the rest "
+        "(measured descriptor noise): returned to their members for the guard"
+    )
+    return _relabel(out)
+
+
 def _without_weak_evidence(
     st: _Stack, nz: BlockNormaliser, subset: np.ndarray | None, notes: list[str]
 ) -> np.ndarray | None:
@@ -1018,6 +1254,7 @@ def cluster_descriptors(
     guard_ratio: float = GUARD_RATIO,
     guard_alpha: float = GUARD_ALPHA,
     noise_floor: float = 3.0,
+    noise_check: Sequence[FluxDescriptor | None] | None = None,
 ) -> FluxClustering:
     """Cluster client descriptors without a given number of clusters.
 
@@ -1045,6 +1282,12 @@ def cluster_descriptors(
         IID-guard threshold parts (see module docstring).
     noise_floor : float
         Normaliser noise floor (see :class:`BlockNormaliser`).
+    noise_check : sequence of FluxDescriptor or None, optional
+        Each client's descriptor of a second, disjoint sample (its validation split; None
+        where it has none). With the IID guard on and two usable pairs, the noise inflation is
+        measured on them (:func:`measured_inflation`) instead of estimated from the clusters,
+        noise points become singletons and a cluster with a significantly unlike member is
+        returned to its members before the guard merges (module docstring, "Small groups").
 
     Returns
     -------
@@ -1077,6 +1320,17 @@ def cluster_descriptors(
         subset = _without_weak_evidence(st, nz, subset, notes)
     xs = x if subset is None else x[subset]
     m = xs.shape[0]
+    inflation = None
+    if iid_guard and noise_check is not None and not st.label_free:
+        if len(noise_check) != n:
+            raise ValueError(f"noise_check has {len(noise_check)} entries for {n} descriptors")
+        inflation = measured_inflation(descriptors, noise_check, nz)
+        if inflation is not None:
+            notes.append(
+                f"descriptor noise inflation {inflation:.2f}, measured on the clients' "
+                "validation descriptors"
+            )
+            noise_policy = "singleton"  # the guard's test decides where noise points belong
 
     spread = np.ptp(xs, axis=0).max() if m > 1 else 0.0
     if m == 1:
@@ -1102,9 +1356,12 @@ def cluster_descriptors(
             raw = _run_knee_dbscan(xs, notes)
         labels_s = _apply_noise_policy(xs, raw, noise_policy, attach_tolerance, notes)
     labels_s = _relabel(labels_s)
+    if iid_guard and inflation is not None and m > 1:
+        vs = _noise_var_stack(st if subset is None else st.take(subset), nz)
+        labels_s = _dissolve_mixed(xs, vs, labels_s, inflation, guard_ratio, guard_alpha, notes)
     if iid_guard and labels_s.max() > 0:
         vs = _noise_var_stack(st if subset is None else st.take(subset), nz)
-        labels_s = _iid_guard(xs, vs, labels_s, guard_ratio, guard_alpha, notes)
+        labels_s = _iid_guard(xs, vs, labels_s, guard_ratio, guard_alpha, notes, inflation)
 
     z = int(labels_s.max()) + 1
     if subset is None:
@@ -1115,6 +1372,8 @@ def cluster_descriptors(
         labels[subset] = labels_s  # the subset keeps its own clustering (no cluster empties)
     centroids = _centroids(x, labels, z)
     k2 = 2 * st.mu.shape[1]
+    from flux_app.methods.flux.fewshot import routing_scatter
+
     return FluxClustering(
         labels=labels,
         num_clusters=z,
@@ -1124,6 +1383,7 @@ def cluster_descriptors(
         missing_penalty=missing_penalty,
         method=method,
         notes=notes,
+        routing_scatter=routing_scatter(x[:, :k2], labels, k2 // 2),
     )
 
 

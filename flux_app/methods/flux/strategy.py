@@ -34,7 +34,6 @@ import os
 from collections import Counter
 from typing import Any
 
-import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from flux_app.common.params import State, clone_state
@@ -43,12 +42,12 @@ from flux_app.engine.config import ConfigError
 from flux_app.engine.metrics import mean
 from flux_app.engine.registry import register_strategy
 from flux_app.engine.strategy import ClusteredStrategy
-from flux_app.methods.flux.clustering import FluxClustering, cluster_descriptors, route_many
+from flux_app.methods.flux.clustering import FluxClustering, cluster_descriptors
 from flux_app.methods.flux.config import FluxConfig
 from flux_app.methods.flux.descriptors import FluxDescriptor
-from flux_app.methods.flux.fewshot import ClassSample, route_with_labels
 from flux_app.methods.flux.privacy import privacy_report
 from flux_app.methods.flux.router import save_router
+from flux_app.methods.flux.routing import route_nodes, routed_metrics
 
 logger = logging.getLogger("flwr")
 
@@ -181,32 +180,6 @@ class Flux(ClusteredStrategy):
             DESCRIPTOR, contents, server_round, parse, what="descriptor", exclude=exclude
         )
 
-    def collect_routing(
-        self, node_ids: list[int], server_round: int, labels: int
-    ) -> dict[int, tuple[FluxDescriptor, ClassSample | None]]:
-        """Routing descriptors with ``labels`` labelled samples per class: each valid reply's
-        label-free descriptor and its few-shot class moments (None when the node had none)."""
-        for n in node_ids:
-            counts = self.descriptor_releases.setdefault(self.nodes[n].name, {})
-            counts["label_free"] = counts.get("label_free", 0) + 1
-            counts["few_labels"] = counts.get("few_labels", 0) + 1
-        contents = {
-            n: self.descriptor_content(server_round, label_free=True, split="test", labels=labels)
-            for n in node_ids
-        }
-        dim = self.result.normaliser.dim
-
-        def parse(node_id: int, content: RecordDict) -> tuple[FluxDescriptor, ClassSample | None]:
-            arrays = record_to_arrays(get_array_record(content, "descriptor"))
-            classes = self.nodes[node_id].num_classes
-            desc = FluxDescriptor.from_arrays(arrays, classes, dim, True)
-            if "labelled" not in content.array_records:
-                return desc, None
-            got = record_to_arrays(get_array_record(content, "labelled"))
-            return desc, ClassSample.from_arrays(got, classes, dim, labels)
-
-        return self.collect(DESCRIPTOR, contents, server_round, parse, what="descriptor")
-
     def feature_dim(self) -> int:
         """Width of the extractor's features (the head's input)."""
         return int(self.extractor["head.weight"].shape[1]) if self.extractor is not None else 0
@@ -283,99 +256,22 @@ class Flux(ClusteredStrategy):
     ) -> dict[int, int | None]:
         """Nearest centroid by the label-free descriptor of each node's test inputs; with
         ``labels`` (default: ``routing-labels``) > 0, the most likely cluster given that
-        descriptor and the node's few labelled samples (:func:`route_with_labels`)."""
-        if not node_ids:
-            return {}
-        if self.result is None or self.extractor is None:
-            return {n: 0 for n in node_ids}  # before clustering there is one global model
+        descriptor and the node's few labelled samples (:func:`route_nodes`)."""
         labels = self.cfg.routing_labels if labels is None else labels
-        out: dict[int, int | None] = {n: None for n in node_ids}
-        if labels > 0 and not self.result.normaliser.label_free:
-            got = self.collect_routing(node_ids, server_round, labels)
-            with_labels = [n for n in self.ordered(got) if got[n][1] is not None]
-            if with_labels:
-                clusters, _ = route_with_labels(
-                    [got[n][0] for n in with_labels], [got[n][1] for n in with_labels], self.result
-                )
-                out.update({n: int(z) for n, z in zip(with_labels, clusters, strict=True)})
-            descs = {n: got[n][0] for n in got if got[n][1] is None}
-        else:
-            descs = self.collect_descriptors(node_ids, server_round, label_free=True, split="test")
-        ids = self.ordered(descs)
-        if ids:
-            clusters, _ = route_many([descs[n] for n in ids], self.result)
-            out.update({n: int(z) for n, z in zip(ids, clusters, strict=True)})
-        return out
+        return route_nodes(self, node_ids, server_round, labels)
 
     def final_metrics(self) -> dict[str, Any]:
-        """accuracy_routed: the training nodes' test data routed label-free (test phase), and
-        ``privacy``: the (epsilon, delta) of the noisy descriptors (null without noise)."""
+        """accuracy_routed: the training nodes' test data routed as newcomers (test phase),
+        the routing-labels sweep, and ``privacy``: the (epsilon, delta) of the noisy
+        descriptors (null without noise)."""
         if self.result is None:
             return {
                 "accuracy_routed": self.results_known(),
                 "cluster_round": None,
                 "privacy": self.privacy(),
             }
-        trainers = [n for n in self.training_nodes() if n in self.last_eval]
-        end = self.cfg.num_server_rounds + 1
-        routed = self.route(trainers, end)
-        agree = [routed[n] == self.assignment.get(n) for n in trainers]
-        # Reuse the final evaluation where the route agrees; evaluate only where it differs.
-        to_eval = {
-            n: self.models[z]
-            for n, z in routed.items()
-            if z is not None and z != self.assignment.get(n)
-        }
-        extra = self.evaluate_nodes(to_eval, end)
-        accs = []
-        for n in trainers:
-            z = routed[n]
-            if z is None:
-                continue
-            if z == self.assignment.get(n):
-                accs.append(self.last_eval[n]["accuracy"])
-            elif n in extra:
-                accs.append(extra[n]["accuracy"])
-        out = {
-            "accuracy_routed": mean(accs),
-            "routing_agreement": float(np.mean(agree)) if agree else None,
-            "cluster_round": self.cluster_round,
-        }
-        out.update(self.routing_sweep(trainers, end))
+        out = {**routed_metrics(self), "cluster_round": self.cluster_round}
         out["privacy"] = self.privacy()  # after the routing above: it releases descriptors too
-        return out
-
-    def routing_sweep(self, trainers: list[int], end: int) -> dict[str, float | None]:
-        """``accuracy_routed_k<k>`` / ``accuracy_holdout_k<k>`` for each k of
-        ``flux-routing-labels-sweep``: the training nodes' test data and the held-out nodes
-        routed with k labelled samples per class, each (node, cluster) evaluated once."""
-        ks = self.opts.sweep()
-        if not ks:
-            return {}
-        known = {(n, self.assignment.get(n)): self.last_eval[n]["accuracy"] for n in trainers}
-        holdouts = [n for n in self.holdout_nodes() if self.nodes[n].num_test > 0]
-        out: dict[str, float | None] = {}
-        for k in ks:
-            routed = self.route(trainers + holdouts, end, labels=k)
-            todo = {
-                n: self.models[z]
-                for n, z in routed.items()
-                if z is not None and z in self.models and (n, z) not in known
-            }
-            for n, m in self.evaluate_nodes(todo, end).items():
-                known[(n, routed[n])] = m["accuracy"]
-
-            def acc(nodes: list[int], routed: dict[int, int | None] = routed) -> float | None:
-                return mean(known[(n, routed[n])] for n in nodes if (n, routed[n]) in known)
-
-            out[f"accuracy_routed_k{k}"] = acc(trainers)
-            out[f"accuracy_holdout_k{k}"] = acc(holdouts) if holdouts else None
-            logger.info(
-                "flux: routing-labels=%d: routed %s, held-out %s",
-                k,
-                out[f"accuracy_routed_k{k}"],
-                out[f"accuracy_holdout_k{k}"],
-            )
         return out
 
     def privacy(self) -> dict[str, Any] | None:

@@ -1,0 +1,151 @@
+"""FLUX's routing on the server: label-free and few-label routing, the test phase, the k sweep.
+
+Functions of the :class:`~flux_app.methods.flux.strategy.Flux` strategy, kept apart from its
+schedule and clustering: what a routed node is asked for when it may use ``k`` labelled samples
+per class (:mod:`flux_app.methods.flux.fewshot`), and ``flux-routing-labels-sweep``'s extra
+columns.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+from flwr.app import RecordDict
+
+from flux_app.common.records import get_array_record, record_to_arrays
+from flux_app.engine.metrics import mean
+from flux_app.methods.flux.clustering import route_many
+from flux_app.methods.flux.descriptors import FluxDescriptor
+from flux_app.methods.flux.fewshot import ClassSample, route_with_labels
+
+if TYPE_CHECKING:
+    from flux_app.methods.flux.strategy import Flux
+
+logger = logging.getLogger("flwr")
+
+DESCRIPTOR = "query.descriptor"
+
+
+def collect_routing(
+    strategy: Flux, node_ids: list[int], server_round: int, labels: int
+) -> dict[int, tuple[FluxDescriptor, ClassSample | None]]:
+    """Routing descriptors with ``labels`` labelled samples per class: each valid reply's
+    label-free descriptor and its few-shot class moments (None when the node had none)."""
+    for n in node_ids:
+        counts = strategy.descriptor_releases.setdefault(strategy.nodes[n].name, {})
+        counts["label_free"] = counts.get("label_free", 0) + 1
+        counts["few_labels"] = counts.get("few_labels", 0) + 1
+    contents = {
+        n: strategy.descriptor_content(server_round, label_free=True, split="test", labels=labels)
+        for n in node_ids
+    }
+    dim = strategy.result.normaliser.dim
+
+    def parse(node_id: int, content: RecordDict) -> tuple[FluxDescriptor, ClassSample | None]:
+        arrays = record_to_arrays(get_array_record(content, "descriptor"))
+        classes = strategy.nodes[node_id].num_classes
+        desc = FluxDescriptor.from_arrays(arrays, classes, dim, True)
+        if "labelled" not in content.array_records:
+            return desc, None
+        got = record_to_arrays(get_array_record(content, "labelled"))
+        return desc, ClassSample.from_arrays(got, classes, dim, labels)
+
+    return strategy.collect(DESCRIPTOR, contents, server_round, parse, what="descriptor")
+
+
+def routing_sweep(strategy: Flux, trainers: list[int], end: int) -> dict[str, float | None]:
+    """``accuracy_routed_k<k>`` / ``accuracy_holdout_k<k>`` for each k of
+    ``flux-routing-labels-sweep``: the training nodes' test data and the held-out nodes
+    routed with k labelled samples per class, each (node, cluster) evaluated once."""
+    ks = strategy.opts.sweep()
+    if not ks:
+        return {}
+    known = {(n, strategy.assignment.get(n)): strategy.last_eval[n]["accuracy"] for n in trainers}
+    holdouts = [n for n in strategy.holdout_nodes() if strategy.nodes[n].num_test > 0]
+    out: dict[str, float | None] = {}
+    for k in ks:
+        routed = strategy.route(trainers + holdouts, end, labels=k)
+        todo = {
+            n: strategy.models[z]
+            for n, z in routed.items()
+            if z is not None and z in strategy.models and (n, z) not in known
+        }
+        for n, m in strategy.evaluate_nodes(todo, end).items():
+            known[(n, routed[n])] = m["accuracy"]
+
+        def acc(nodes: list[int], routed: dict[int, int | None] = routed) -> float | None:
+            return mean(known[(n, routed[n])] for n in nodes if (n, routed[n]) in known)
+
+        out[f"accuracy_routed_k{k}"] = acc(trainers)
+        out[f"accuracy_holdout_k{k}"] = acc(holdouts) if holdouts else None
+        logger.info(
+            "flux: routing-labels=%d: routed %s, held-out %s",
+            k,
+            out[f"accuracy_routed_k{k}"],
+            out[f"accuracy_holdout_k{k}"],
+        )
+    return out
+
+
+def route_nodes(
+    strategy: Flux, node_ids: list[int], server_round: int, labels: int
+) -> dict[int, int | None]:
+    """Each node's cluster: nearest label-free centroid, or with ``labels`` > 0 the most likely
+    cluster given its label-free descriptor and labelled samples (:func:`route_with_labels`;
+    a node without labelled test data is routed label-free). None where no valid reply came."""
+    if not node_ids:
+        return {}
+    if strategy.result is None or strategy.extractor is None:
+        return {n: 0 for n in node_ids}  # before clustering there is one global model
+    out: dict[int, int | None] = {n: None for n in node_ids}
+    if labels > 0 and not strategy.result.normaliser.label_free:
+        got = collect_routing(strategy, node_ids, server_round, labels)
+        with_labels = [n for n in strategy.ordered(got) if got[n][1] is not None]
+        if with_labels:
+            clusters, _ = route_with_labels(
+                [got[n][0] for n in with_labels], [got[n][1] for n in with_labels], strategy.result
+            )
+            out.update({n: int(z) for n, z in zip(with_labels, clusters, strict=True)})
+        descs = {n: got[n][0] for n in got if got[n][1] is None}
+    else:
+        descs = strategy.collect_descriptors(node_ids, server_round, label_free=True, split="test")
+    ids = strategy.ordered(descs)
+    if ids:
+        clusters, _ = route_many([descs[n] for n in ids], strategy.result)
+        out.update({n: int(z) for n, z in zip(ids, clusters, strict=True)})
+    return out
+
+
+def routed_metrics(strategy: Flux) -> dict[str, float | None]:
+    """``accuracy_routed`` (the training nodes' test data routed as newcomers, with
+    ``routing-labels``), ``routing_agreement`` (share routed to their training cluster) and the
+    sweep's columns. The final evaluation is reused where the route agrees with training."""
+    trainers = [n for n in strategy.training_nodes() if n in strategy.last_eval]
+    end = strategy.cfg.num_server_rounds + 1
+    routed = strategy.route(trainers, end)
+    agree = [routed[n] == strategy.assignment.get(n) for n in trainers]
+    to_eval = {
+        n: strategy.models[z]
+        for n, z in routed.items()
+        if z is not None and z != strategy.assignment.get(n)
+    }
+    extra = strategy.evaluate_nodes(to_eval, end)
+    accs = []
+    for n in trainers:
+        z = routed[n]
+        if z is None:
+            continue
+        if z == strategy.assignment.get(n):
+            accs.append(strategy.last_eval[n]["accuracy"])
+        elif n in extra:
+            accs.append(extra[n]["accuracy"])
+    return {
+        "accuracy_routed": mean(accs),
+        "routing_agreement": float(np.mean(agree)) if agree else None,
+        **routing_sweep(strategy, trainers, end),
+    }
+
+
+__all__ = ["collect_routing", "route_nodes", "routing_sweep", "routed_metrics"]
