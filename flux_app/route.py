@@ -23,8 +23,13 @@ from flux_app.engine.delivery import OUTPUT_FOLDER, safe_name
 from flux_app.methods.flux.router import Router
 
 
-def route_folder(run: str, data: str, out: str | None = None) -> dict:
-    """Route the images of ``data`` with the router of ``run``; write predictions; a summary."""
+def route_folder(run: str, data: str, out: str | None = None, labels_per_class: int = 0) -> dict:
+    """Route the images of ``data`` with the router of ``run``; write predictions; a summary.
+
+    ``labels_per_class = k > 0``: the folder's labelled images (up to k a class) join the
+    routing (few-label routing, as ``routing-labels`` in a run)."""
+    if labels_per_class < 0:
+        raise ValueError("--labels-per-class must be >= 0")
     router = Router.load(run)
     m = router.manifest
     c, size, _ = m["input_shape"]
@@ -43,7 +48,12 @@ def route_folder(run: str, data: str, out: str | None = None) -> dict:
         names = [f"{i:05d}" for i in range(len(x))]
     if not len(x):
         raise DataFolderError(f"no image to route in {data!r}")
-    cluster, distances = router.route(x)
+    d = site.data
+    labelled = (
+        torch.cat([d.x_train, d.x_val, d.x_test]),
+        torch.cat([d.y_train, d.y_val, d.y_test]),
+    )
+    cluster, distances = router.route(x, labelled, labels_per_class)
     model = router.model(cluster)
     with torch.no_grad():
         probs = torch.cat([torch.softmax(model(x[i : i + 512]), 1) for i in range(0, len(x), 512)])
@@ -65,7 +75,8 @@ def route_folder(run: str, data: str, out: str | None = None) -> dict:
             )
     return {
         "cluster": cluster,
-        "distances": [round(float(v), 6) for v in distances],
+        # label-free: distances to the centroids; with labels: -2 log-likelihoods
+        "distances" if labels_per_class == 0 else "scores": [round(float(v), 6) for v in distances],
         "images": len(x),
         "skipped": len(site.skipped),
         "predictions": out,
@@ -79,9 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", required=True, help="a FLUX run folder (holding router/)")
     ap.add_argument("--data", required=True, help="the new client's data folder")
     ap.add_argument("--out", default=None, help="predictions CSV (default inside --data)")
+    ap.add_argument(
+        "--labels-per-class",
+        type=int,
+        default=0,
+        help="use up to this many of the folder's labelled images per class (0 = label-free)",
+    )
     args = ap.parse_args(argv)
     try:
-        summary = route_folder(args.run, args.data, args.out)
+        summary = route_folder(args.run, args.data, args.out, args.labels_per_class)
     except (FileNotFoundError, ValueError) as err:
         print(f"flux_app.route: {err}", file=sys.stderr)
         return 2

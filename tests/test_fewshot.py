@@ -120,7 +120,9 @@ def _permuted_federation(seed, k_labels):
 def test_labels_separate_a_label_permutation_that_inputs_cannot(k):
     clustering, groups, lf, samples, truth = _permuted_federation(0, k)
     assert clustering.num_clusters == 2  # the class-conditional blocks see the permutation
-    cluster_of_group = {g: int(np.bincount(clustering.labels[groups == g]).argmax()) for g in (0, 1)}
+    cluster_of_group = {
+        g: int(np.bincount(clustering.labels[groups == g]).argmax()) for g in (0, 1)
+    }
     want = np.array([cluster_of_group[g] for g in truth])
     label_free, _ = route_many(lf, clustering)
     with_labels, scores = route_with_labels(lf, samples, clustering)

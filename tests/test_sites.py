@@ -107,6 +107,12 @@ def test_flux_on_site_folders_clusters_routes_delivers_and_routes_offline(sites,
         assert offline["cluster"] == placed
         with open(tmp_path / f"{name}.csv") as fh:
             assert list(csv.DictReader(fh)) == rows
+    # a labelled site routed offline with 5 labels a class: likelihood scores, and on these
+    # input-shifted groups the same cluster as its label-free route
+    with_labels = route_folder(recorder.root, str(sites / "node_0"), str(tmp_path / "n0.csv"), 5)
+    label_free = route_folder(recorder.root, str(sites / "node_0"), str(tmp_path / "n0.csv"))
+    assert len(with_labels["scores"]) == 2 and "distances" in label_free
+    assert with_labels["cluster"] == label_free["cluster"]
     assert final["delivered"]["node_0"]["predictions"] == 0
     assert os.path.exists(sites / "node_0" / "flux-app" / "site-run" / "model.pt")
     manifest = recorder.root + "/router/manifest.json"

@@ -26,6 +26,7 @@ from flux_app.common.params import State
 from flux_app.common.training import batches
 from flux_app.methods.flux.clustering import BlockNormaliser, FluxClustering, route_many
 from flux_app.methods.flux.descriptors import compute_flux_descriptor, projection_matrix
+from flux_app.methods.flux.fewshot import compute_class_sample, route_with_labels, select_labelled
 
 FORMAT = 1
 
@@ -52,8 +53,12 @@ def save_router(
         torch.save(dict(state), os.path.join(folder, "models", f"cluster_{int(cid)}.pt"))
     with open(os.path.join(folder, "normaliser.json"), "w") as fh:
         json.dump(clustering.normaliser.to_dict(), fh)
+    centroids = {"label_free": clustering.label_free_centroids.tolist()}
+    if not clustering.normaliser.label_free and clustering.routing_scatter is not None:
+        centroids["full"] = clustering.centroids.tolist()  # few-label routing's class blocks
+        centroids["routing_scatter"] = np.asarray(clustering.routing_scatter).tolist()
     with open(os.path.join(folder, "centroids.json"), "w") as fh:
-        json.dump({"label_free": clustering.label_free_centroids.tolist()}, fh)
+        json.dump(centroids, fh)
     manifest = {
         "format": FORMAT,
         "flux_app": flux_app.__version__,
@@ -102,14 +107,18 @@ class Router:
         with open(os.path.join(folder, "normaliser.json")) as fh:
             normaliser = BlockNormaliser.from_dict(json.load(fh))
         with open(os.path.join(folder, "centroids.json")) as fh:
-            centroids = np.asarray(json.load(fh)["label_free"], dtype=np.float64)
+            saved = json.load(fh)
+        centroids = np.asarray(saved["label_free"], dtype=np.float64)
+        full = np.asarray(saved.get("full", centroids), dtype=np.float64)
+        scatter = saved.get("routing_scatter")
         clustering = FluxClustering(
             labels=np.zeros(0, dtype=np.int64),
             num_clusters=len(centroids),
-            centroids=centroids,
+            centroids=full,
             label_free_centroids=centroids,
             normaliser=normaliser,
             missing_penalty=float(manifest["missing_penalty"]),
+            routing_scatter=None if scatter is None else np.asarray(scatter, dtype=np.float64),
         )
         extractor = cls._model(manifest, os.path.join(folder, "extractor.pt"))
         return cls(manifest, extractor, clustering, folder)
@@ -126,9 +135,20 @@ class Router:
         model.load_state_dict(state)
         return model.eval()
 
-    def route(self, x: torch.Tensor) -> tuple[int, np.ndarray]:
-        """Cluster of a client holding inputs ``x`` (label-free), and its distances to every
-        cluster: the same descriptor and nearest-centroid rule as the run."""
+    def route(
+        self,
+        x: torch.Tensor,
+        labelled: tuple[torch.Tensor, torch.Tensor] | None = None,
+        labels_per_class: int = 0,
+    ) -> tuple[int, np.ndarray]:
+        """Cluster of a client holding inputs ``x``, and its score for every cluster.
+
+        Label-free (``labelled`` None or ``labels_per_class`` 0): the run's descriptor and
+        nearest-centroid rule, scores = distances. With the client's labelled samples
+        ``labelled = (x_l, y_l)`` and ``labels_per_class = k``: few-label routing on up to k of
+        them per class (:func:`~flux_app.methods.flux.fewshot.route_with_labels`), scores =
+        ``-2 log L``.
+        """
         model = self.extractor
         k = int(self.manifest["proj_dim"]) or min(
             int(self.manifest["num_classes"]), model.feature_dim
@@ -146,6 +166,21 @@ class Router:
                     self.manifest.get("dp_clip", 0.0)
                 ),  # as the run; noise is not re-drawn
             )
+        if labelled is not None and labels_per_class > 0 and len(labelled[1]):
+            if self.clustering.routing_scatter is None:
+                raise ValueError("this router was saved without few-label routing data")
+            x_l, y_l = labelled
+            idx = select_labelled(y_l, labels_per_class, seed=0)
+            sample = compute_class_sample(
+                model.features,
+                x_l[idx],
+                y_l[idx],
+                projection,
+                int(self.manifest["num_classes"]),
+                clip_norm=float(self.manifest.get("dp_clip", 0.0)),
+            )
+            clusters, scores = route_with_labels([desc], [sample], self.clustering)
+            return int(clusters[0]), scores[0]
         clusters, dist = route_many([desc], self.clustering)
         return int(clusters[0]), dist[0]
 
