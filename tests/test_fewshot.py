@@ -172,3 +172,27 @@ def test_routing_labels_run_end_to_end(small_run):
     assert all(r.get("few_labels", 0) >= 1 for name, r in releases.items())
     with pytest.raises(ConfigError, match="routing-labels"):
         run(cfg | {"flux-dp-clip": 1.0, "flux-dp-noise": 1.0, "flux-routing-labels-sweep": ""}, 4)
+
+
+def test_descriptor_layer_conv_reads_the_400d_conv_stack(small_run):
+    from flux_app.common.models import build_model
+    from flux_app.methods.flux.descriptors import descriptor_features
+    from flux_app.testing import run
+
+    model = build_model("lenet5", (1, 28, 28), 10)
+    conv, width = descriptor_features(model, "conv")
+    assert width == 400
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(conv(x), model.encoder[0](x))  # the layer before the FC layers
+    head, width = descriptor_features(model)
+    assert width == 84 and torch.equal(head(x), model.features(x))
+    with pytest.raises(ValueError, match="conv stack"):
+        descriptor_features(build_model("resnet9", (3, 32, 32), 10), "conv")
+    with pytest.raises(ConfigError, match="flux-descriptor-layer"):
+        RunConfig.from_mapping({"flux-descriptor-layer": "fc1"})
+    # a run with the conv layer clusters and routes (different descriptors, same protocol)
+    cfg = small_run | {"strategy": "flux", "flux-cluster-round": 1, "holdout-clients": 2}
+    conv_run, _ = run(cfg | {"flux-descriptor-layer": "conv"}, 8)
+    head_run, _ = run(cfg, 8)
+    assert conv_run["final"]["holdout_assignment"] and conv_run["clustering"]["num_clusters"] >= 1
+    assert conv_run["clustering"]["scales"] != head_run["clustering"]["scales"]

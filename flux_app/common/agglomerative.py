@@ -12,7 +12,8 @@ partition with the federated-aware loss ``L = L1 + lambda * L2``:
 - ``L2 = (1/Z) sum_z exp(max(0, N/Z - gamma * std(sizes) - |C_z|) / tau)`` (penalises clusters
   much smaller than the average).
 
-Why the paper's "lowest loss" does not pick the partition on its own (``pick="paper"``): with
+Why the paper's "lowest loss" does not pick the partition on its own (``pick="lowest-loss"``,
+run-config ``feddag-alpha-pick = "lowest-loss"``; ``"paper"`` is an alias): with
 ``A_ii = 0`` every singleton has ``L1 = 0`` and the all-singletons partition has ``L2 = 1``, so the
 global minimum ``L = lambda`` is "everyone alone"; and because ``L1`` sums a mean per cluster it
 grows with the number of clusters, so with noisy within-cluster distances even one big cluster
@@ -30,7 +31,16 @@ exact dendrogram interval giving that partition). On the same kind of planted ma
 K in 10/10 seeds (5 in the tests) for K in {2, 3, 4, 5, 10}, unequal sizes and unequal tightness,
 and returns one cluster on pure noise with 30+ clients (tests/test_agglomerative.py). The L2 term
 cannot rescue the paper's rule: L2 >= 1 with equality for every balanced partition, including
-all-singletons, and lambda = 0.01 makes it negligible next to L1.
+all-singletons, and lambda = 0.01 makes it negligible next to L1. ``scripts/alpha_pick_study.py``
+compares the two rules on synthetic federations (docs/DECISIONS.md, FedDAG).
+
+Linkage (``feddag-linkage``). The FedDAG paper says "average linkage"; the authors' code calls
+scipy's ``linkage(method="weighted")``, i.e. WPGMA: after merging ``i`` and ``j``,
+``d(ij, k) = (d(i, k) + d(j, k)) / 2`` whatever the sizes, so a cluster's distance to others
+weighs each member by ``2^-depth`` in the cluster's own merge tree (:func:`linkage_weights`).
+UPGMA (``"average"``, our default, unchanged) weighs every member equally. Both give monotone
+merge heights, so the same threshold cuts apply. Newcomers follow the same linkage
+(:func:`assign_newcomer` with the tree weights for WPGMA).
 """
 
 from __future__ import annotations
@@ -45,19 +55,24 @@ from flux_app.common.statecodec import state_type
 
 __all__ = [
     "LINKAGES",
+    "PICKS",
     "SweepResult",
     "agglomerative_labels",
     "alpha_sweep",
     "assign_newcomer",
     "canonical_labels",
+    "cluster_distances",
     "dendrogram",
     "federated_loss",
+    "linkage_weights",
     "pacfl_auto_threshold",
     "threshold_clusters",
 ]
 
 #: Linkages valid on an arbitrary precomputed distance (monotone merge heights).
 LINKAGES = ("average", "complete", "single", "weighted")
+#: Pick rules of :func:`alpha_sweep` (``"paper"`` is accepted as an alias of ``"lowest-loss"``).
+PICKS = ("stable", "lowest-loss")
 
 
 def _check_distance(a: np.ndarray) -> np.ndarray:
@@ -172,7 +187,7 @@ class SweepResult:
     labels : np.ndarray
         int64 ``[n]`` the chosen partition.
     pick : str
-        The rule used ("stable" or "paper").
+        The rule used ("stable" or "lowest-loss").
     merge_gap : tuple[float, float]
         The exact interval of thresholds giving the chosen partition: from the highest merge
         inside it (0 if none) to the next merge of the dendrogram (1.0 if none).
@@ -237,12 +252,24 @@ def alpha_sweep(
     lam, gamma, tau : float
         Loss parameters (FedDAG: 0.01, 1, 1).
     linkage : str
-        Agglomerative linkage (FedDAG: average).
-    pick : {"stable", "paper"}
+        Agglomerative linkage, one of :data:`LINKAGES` (FedDAG: ``"average"`` = UPGMA, our
+        default; the authors' code: ``"weighted"`` = WPGMA).
+    pick : {"stable", "lowest-loss"}
         ``"stable"`` (default): the partition of the longest run of consecutive alphas; ties ->
-        lower loss -> larger alpha. ``"paper"``: among alphas whose loss is within the tolerance
-        of the minimum, the largest alpha (degenerate on noisy distances, see module doc).
+        lower loss -> larger alpha. ``"lowest-loss"`` (the paper's rule; ``"paper"`` is an
+        alias): among alphas whose loss is within the tolerance of the minimum, the largest
+        alpha (degenerate on noisy distances, see module doc).
+
+    Returns
+    -------
+    SweepResult
+        The sweep and the chosen partition (``pick`` holds the canonical rule name).
     """
+    if linkage not in LINKAGES:
+        raise ValueError(f"linkage must be one of {LINKAGES}, not {linkage!r}")
+    pick = "lowest-loss" if pick == "paper" else pick
+    if pick not in PICKS:
+        raise ValueError(f"pick must be one of {PICKS} (or 'paper'), not {pick!r}")
     a = _check_distance(a)
     n = a.shape[0]
     if n == 0:
@@ -264,17 +291,15 @@ def alpha_sweep(
         if i == len(alphas) or not np.array_equal(parts[i], parts[start]):
             runs.append((start, i - 1))
             start = i
-    if pick == "paper":
+    if pick == "lowest-loss":
         best = float(losses.min())
         index = int(max(i for i in range(len(alphas)) if close(losses[i], best)))
-    elif pick == "stable":
+    else:  # "stable"
         longest = max(e - s for s, e in runs)
         cands = [(s, e) for s, e in runs if e - s == longest]
         low = min(losses[s] for s, _ in cands)
         cands = [(s, e) for s, e in cands if close(losses[s], low)]
         index = cands[-1][1]  # runs are in increasing alpha: last = largest alpha
-    else:
-        raise ValueError("pick must be 'stable' or 'paper'")
     run = next((s, e) for s, e in runs if s <= index <= e)
     heights = np.sort(z[:, 2]) if z is not None else np.zeros(0)
     chosen = float(alphas[index])
@@ -298,8 +323,102 @@ def alpha_sweep(
     )
 
 
+def linkage_weights(a: np.ndarray, labels: np.ndarray, linkage: str = "weighted") -> np.ndarray:
+    """Weight of each client in its cluster's linkage distance to an outside client.
+
+    Parameters
+    ----------
+    a : np.ndarray
+        Symmetric ``[n, n]`` distance the clusters were cut from.
+    labels : np.ndarray
+        ``[n]`` the clusters, a cut of ``a``'s dendrogram with this linkage (as
+        :func:`alpha_sweep` and :func:`agglomerative_labels` return).
+    linkage : str
+        ``"weighted"`` (WPGMA): every merge inside a cluster halves the weights of both merged
+        parts, so a member at depth ``k`` of the cluster's merge tree weighs ``2^-k``; then
+        ``d(x, C) = sum_i w_i d(x, i)`` is exactly WPGMA's ``d(x, C)`` by its update rule
+        ``d(ij, x) = (d(i, x) + d(j, x)) / 2``. Any other linkage: ``1 / |C|`` (UPGMA's mean).
+
+    Returns
+    -------
+    np.ndarray
+        ``[n]`` float64 weights summing to 1 over each cluster. Should ``labels`` not be a cut
+        (a cluster spread over several subtrees), each subtree's weights are rescaled so that
+        the subtrees count equally.
+    """
+    a = _check_distance(a)
+    labels = np.asarray(labels).reshape(-1)
+    n = a.shape[0]
+    if labels.shape != (n,):
+        raise ValueError("labels do not match the distance matrix")
+    if linkage not in LINKAGES:
+        raise ValueError(f"linkage must be one of {LINKAGES}")
+    w = np.ones(n)
+    if linkage == "weighted" and n > 1:
+        members: list[np.ndarray] = [np.array([i]) for i in range(n)]
+        for left, right in dendrogram(a, "weighted")[:, :2].astype(np.int64):
+            both = np.concatenate([members[left], members[right]])
+            if np.all(labels[both] == labels[both[0]]):  # a merge inside one cluster
+                w[both] *= 0.5
+            members.append(both)
+    _, inverse = np.unique(labels, return_inverse=True)
+    return w / np.bincount(inverse, weights=w)[inverse]
+
+
+def cluster_distances(
+    a_row: np.ndarray,
+    labels: np.ndarray,
+    linkage: str = "average",
+    weights: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Linkage distance from one outside client to each cluster.
+
+    Parameters
+    ----------
+    a_row : np.ndarray
+        ``[n]`` distances from the client to the clustered clients.
+    labels : np.ndarray
+        ``[n]`` cluster labels of those clients.
+    linkage : str
+        ``"average"`` (mean), ``"complete"`` (max), ``"single"`` (min) or ``"weighted"``
+        (``sum_i w_i a_row[i]`` with the WPGMA ``weights`` of :func:`linkage_weights`).
+    weights : np.ndarray, optional
+        ``[n]`` required with ``"weighted"`` (a WPGMA distance depends on the cluster's merge
+        order, which the labels alone do not hold), refused with any other linkage.
+
+    Returns
+    -------
+    tuple[np.ndarray, np.ndarray]
+        The sorted cluster ids and the distance to each.
+    """
+    a_row = np.asarray(a_row, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    if a_row.shape != labels.shape:
+        raise ValueError("a_row and labels differ in length")
+    if linkage not in LINKAGES:
+        raise ValueError(f"linkage must be one of {LINKAGES}")
+    if not np.all(np.isfinite(a_row)):
+        raise ValueError("a_row contains non-finite values")
+    if (linkage == "weighted") != (weights is not None):
+        raise ValueError("weights (from linkage_weights) go with linkage='weighted' only")
+    ids = np.unique(labels)
+    if linkage == "weighted":
+        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+        if w.shape != labels.shape or not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise ValueError("weights must be [n] finite and >= 0")
+        dist = [float(w[labels == k] @ a_row[labels == k] / w[labels == k].sum()) for k in ids]
+    else:
+        reduce = {"average": np.mean, "complete": np.max, "single": np.min}[linkage]
+        dist = [float(reduce(a_row[labels == k])) for k in ids]
+    return ids, np.asarray(dist, dtype=np.float64)
+
+
 def assign_newcomer(
-    a_row: np.ndarray, labels: np.ndarray, threshold: float, linkage: str = "average"
+    a_row: np.ndarray,
+    labels: np.ndarray,
+    threshold: float,
+    linkage: str = "average",
+    weights: np.ndarray | None = None,
 ) -> int:
     """Place one new client by a single linkage pass at a stored threshold.
 
@@ -313,8 +432,10 @@ def assign_newcomer(
     threshold : float
         The stored cut (FedDAG's chosen alpha, PACFL's threshold).
     linkage : str
-        How a client-to-cluster distance is formed: average (mean), complete (max), single (min),
-        weighted (treated as average for a single newcomer).
+        How a client-to-cluster distance is formed (:func:`cluster_distances`): average (mean),
+        complete (max), single (min), weighted (WPGMA, with ``weights``).
+    weights : np.ndarray, optional
+        ``[n]`` :func:`linkage_weights` of the clustered clients; required with ``"weighted"``.
 
     Returns
     -------
@@ -322,19 +443,10 @@ def assign_newcomer(
         The label of the closest cluster when its linkage distance is ``<= threshold`` (ties ->
         smallest label), else ``max(labels) + 1`` (a new cluster).
     """
-    a_row = np.asarray(a_row, dtype=np.float64).reshape(-1)
     labels = np.asarray(labels).reshape(-1)
-    if a_row.shape != labels.shape:
-        raise ValueError("a_row and labels differ in length")
-    if linkage not in LINKAGES:
-        raise ValueError(f"linkage must be one of {LINKAGES}")
-    if not np.all(np.isfinite(a_row)):
-        raise ValueError("a_row contains non-finite values")
+    ids, dist = cluster_distances(a_row, labels, linkage, weights)
     if labels.size == 0:
         return 0
-    reduce = {"average": np.mean, "weighted": np.mean, "complete": np.max, "single": np.min}
-    ids = np.unique(labels)
-    dist = np.array([reduce[linkage](a_row[labels == k]) for k in ids])
     best = int(np.argmin(dist))
     if dist[best] <= threshold:
         return int(ids[best])

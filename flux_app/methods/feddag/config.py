@@ -26,6 +26,10 @@ class FeddagConfig(ConfigSection):
     delta: float = 0.5
     lambda_: float = 0.01
     alpha_step: float = 0.05
+    #: "average" (UPGMA, the paper's words, our default) or "weighted" (WPGMA, the authors' code)
+    linkage: str = "average"
+    #: "stable" (longest run of alphas, our default) or "lowest-loss" (the paper's rule)
+    alpha_pick: str = "stable"
     top_k: int = 2
     variant: str = "dual"
     schedule_k: int = 0
@@ -33,6 +37,8 @@ class FeddagConfig(ConfigSection):
     def validate(self) -> None:  # noqa: D102
         self.choice("similarity", ("fused", "data", "gradient"))
         self.choice("variant", ("dual", "single", "dagger"))
+        self.choice("linkage", ("average", "weighted"))
+        self.choice("alpha_pick", ("stable", "lowest-loss"))
         self.check(0 < self.sketch_fraction <= 1, "sketch_fraction", "in (0, 1]")
         self.check(self.warmup_rounds >= 1, "warmup_rounds", ">= 1")
         self.check(self.warmup_epochs >= 1, "warmup_epochs", ">= 1")

@@ -45,7 +45,13 @@ def fit_feddag(
     distances = feddag_distances(
         subspaces, sketches, opts.similarity, opts.delta, class_angles=angles
     )
-    sweep = alpha_sweep(distances.a, step=opts.alpha_step, lam=opts.lambda_)
+    sweep = alpha_sweep(
+        distances.a,
+        step=opts.alpha_step,
+        lam=opts.lambda_,
+        linkage=opts.linkage,
+        pick=opts.alpha_pick,
+    )
     fit = FeddagFit(ids, subspaces, sketches, distances, sweep, [int(z) for z in sweep.labels])
     if opts.variant == "dual":
         counts = np.stack([s.counts for s in subspaces])

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flux_app.common.agglomerative import assign_newcomer
+from flux_app.common.agglomerative import assign_newcomer, cluster_distances
 from flux_app.common.statecodec import state_type
 from flux_app.common.subspaces import ClassSubspaces, cross_class_angles, pairwise_class_angles
 from flux_app.methods.feddag.sketch import angle_distance_matrix
@@ -469,18 +469,47 @@ def newcomer_distances(
 
 
 def place_newcomers(
-    rows: np.ndarray, labels: np.ndarray, newcomer_alpha: float, clusters: Sequence[int]
+    rows: np.ndarray,
+    labels: np.ndarray,
+    newcomer_alpha: float,
+    clusters: Sequence[int],
+    linkage: str = "average",
+    weights: np.ndarray | None = None,
 ) -> list[int]:
-    """Cluster of each newcomer from its distance ``row`` to the clustered nodes: one
-    average-linkage pass at the stored threshold; a newcomer that would open a new cluster (it
-    would have no trained model) goes to the existing cluster nearest on average."""
+    """Cluster of each newcomer from its distance row to the clustered nodes.
+
+    One pass of the sweep's linkage at the stored threshold
+    (:func:`~flux_app.common.agglomerative.assign_newcomer`); a newcomer that would open a new
+    cluster (it would have no trained model) goes to the existing cluster nearest by the same
+    linkage distance.
+
+    Parameters
+    ----------
+    rows : np.ndarray
+        ``[m, n]`` newcomer-to-clustered-node distances (:func:`newcomer_distances`).
+    labels : np.ndarray
+        ``[n]`` clusters of the clustered nodes.
+    newcomer_alpha : float
+        The stored threshold (the sweep's ``newcomer_alpha``).
+    clusters : Sequence[int]
+        The clusters that have a model.
+    linkage : {"average", "weighted"}
+        ``feddag-linkage``: UPGMA (member mean) or WPGMA (tree weights).
+    weights : np.ndarray, optional
+        ``[n]`` :func:`~flux_app.common.agglomerative.linkage_weights`; required with
+        ``"weighted"``.
+
+    Returns
+    -------
+    list[int]
+        The cluster of each newcomer.
+    """
     out = []
     for row in rows:
-        z = assign_newcomer(row, labels, newcomer_alpha)
+        z = assign_newcomer(row, labels, newcomer_alpha, linkage, weights)
         if z not in clusters:
-            z = min(
-                clusters,
-                key=lambda c: float(np.mean(row[labels == c])) if (labels == c).any() else math.inf,
-            )
+            ids, dist = cluster_distances(row, labels, linkage, weights)
+            near = {int(k): float(v) for k, v in zip(ids, dist, strict=True)}
+            z = min(clusters, key=lambda c: near.get(int(c), math.inf))
         out.append(int(z))
     return out

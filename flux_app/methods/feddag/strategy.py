@@ -8,9 +8,11 @@ Schedule (rounds count toward ``num-server-rounds``)
     2. Clustering, at the start of round t_g + 1 (one shot): ``query.feddag`` returns every
        node's sketch, per-class top-p subspaces of its raw inputs and class counts. The server
        builds the fused distance (:func:`feddag_distances`; ``feddag-similarity`` = fused | data |
-       gradient), runs the alpha sweep (:func:`alpha_sweep`, deterministic "stable" pick, see
-       flux_app/common/agglomerative.py for why the paper's "lowest loss, largest alpha" rule is kept only
-       as an option) and the complementarity graph (``feddag-top-k`` sources per learner).
+       gradient), runs the alpha sweep (:func:`alpha_sweep` with ``feddag-linkage``, UPGMA by
+       default, WPGMA as the authors' code; ``feddag-alpha-pick``: the deterministic "stable"
+       pick by default, see flux_app/common/agglomerative.py for why the paper's "lowest loss,
+       largest alpha" rule is only an option) and the complementarity graph (``feddag-top-k``
+       sources per learner).
     3. Cluster training, every later round, on a ``fraction-train`` sample:
        primary phase: sampled nodes train primary encoder + head of their cluster's dual model,
        secondary frozen; FedAvg of (primary, head) inside the cluster. Secondary phase (every
@@ -27,8 +29,9 @@ Cluster model init: primary = sample-weighted mean of the members' warm-up encod
 head fresh (seeded per cluster). FedDAG* starts from the weighted mean of the whole warm-up models.
 
 Newcomers (late nodes and held-out nodes at the end) do the same warm-up on their own data,
-send sketch + subspaces, fit only their own fusion weight, and are placed by one average-linkage
-pass at the stored threshold (the sweep's ``newcomer_alpha``); a node that would open a new
+send sketch + subspaces, fit only their own fusion weight, and are placed by one pass of the
+sweep's linkage (member mean for UPGMA, merge-tree weights for WPGMA) at the stored threshold
+(the sweep's ``newcomer_alpha``); a node that would open a new
 cluster is served by the nearest cluster (a new cluster would have no trained model).
 
 Metrics: ``accuracy_known`` is the final-round mean; ``accuracy_best_over_rounds`` (each client's
@@ -45,7 +48,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
-from flux_app.common.agglomerative import SweepResult
+from flux_app.common.agglomerative import SweepResult, linkage_weights
 from flux_app.common.params import State, clone_state, weighted_average
 from flux_app.common.records import (
     ReplyError,
@@ -320,9 +323,28 @@ class FedDag(FeddagCheckpoint, DualPhases, ClusteredStrategy):
             sketches=sketches,
         )
         labels = np.asarray([self.assignment[n] for n in ids])
-        placed = place_newcomers(rows, labels, self.sweep.newcomer_alpha, list(self.models))
+        linkage, weights = self.opts.linkage, None
+        if linkage == "weighted":
+            weights = self._wpgma_weights(labels)
+        placed = place_newcomers(
+            rows, labels, self.sweep.newcomer_alpha, list(self.models), linkage, weights
+        )
         out.update(zip(new, placed, strict=True))
         return out
+
+    def _wpgma_weights(self, labels: np.ndarray) -> np.ndarray:
+        """WPGMA member weights of the clustered population (its dendrogram); with a population
+        that no longer matches the stored distances (a resumed run whose nodes did not all come
+        back) the tree is unknown and every member weighs the same (UPGMA's mean)."""
+        a = self.distances.a if self.distances is not None else None
+        if a is not None and a.shape[0] == labels.size:
+            return linkage_weights(a, labels, "weighted")
+        logger.warning(
+            "feddag: clustered population changed since the sweep; newcomers use the member "
+            "mean instead of WPGMA weights"
+        )
+        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        return 1.0 / counts[inverse]
 
     def _warmed_up(self, node_id: int, content: RecordDict) -> State:
         return self.read_trained(Reply(node_id, content, None))[0]

@@ -11,6 +11,7 @@ ConfigRecord ``config`` with:
 ``proj-seed``   the seed every party uses for the projection
 ``dp-clip``, ``dp-noise``, ``dp-mechanism``, ``dp-seeded-noise``  optional privacy (see
                 :func:`flux_app.methods.flux.descriptors.privatize` for the sensitivity bound)
+``layer``       ``head-input`` (default) or ``conv`` (:func:`descriptor_features`)
 ``routing-labels``  k > 0 (only with ``label-free`` and ``split=test``): also send the class
                 moments of up to k labelled test samples per class (few-label routing,
                 :mod:`flux_app.methods.flux.fewshot`); never with descriptor noise
@@ -30,7 +31,12 @@ from flux_app.common.records import arrays_to_record
 from flux_app.common.training import batches
 from flux_app.engine.client import ClientRuntime, config_of
 from flux_app.engine.registry import register_query
-from flux_app.methods.flux.descriptors import compute_flux_descriptor, privatize, projection_matrix
+from flux_app.methods.flux.descriptors import (
+    compute_flux_descriptor,
+    descriptor_features,
+    privatize,
+    projection_matrix,
+)
 from flux_app.methods.flux.fewshot import compute_class_sample, select_labelled
 
 
@@ -57,11 +63,12 @@ def handle_descriptor(content: RecordDict, rt: ClientRuntime) -> RecordDict:
     if not len(x):
         raise ValueError(f"no {split} data for a descriptor")
     # K defaults to the number of classes, capped at the feature width (CIFAR-100 on LeNet-5).
-    k = int(config.get("proj-dim", 0)) or min(d.num_classes, model.feature_dim)
-    projection = projection_matrix(model.feature_dim, k, int(config.get("proj-seed", 0)))
+    features, width = descriptor_features(model, str(config.get("layer", "head-input")))
+    k = int(config.get("proj-dim", 0)) or min(d.num_classes, width)
+    projection = projection_matrix(width, k, int(config.get("proj-seed", 0)))
     clip = float(config.get("dp-clip", 0.0))
     desc = compute_flux_descriptor(
-        lambda xb: model.features(xb.to(device)),
+        lambda xb: features(xb.to(device)),
         batches(x, y, 512),
         projection,
         d.num_classes,
@@ -89,7 +96,7 @@ def handle_descriptor(content: RecordDict, rt: ClientRuntime) -> RecordDict:
         if len(d.y_test):  # a site with only unlabeled inputs has no labelled sample to give
             idx = select_labelled(d.y_test, k, rt.seed_for("routing-labels"))
             sample = compute_class_sample(
-                lambda xb: model.features(xb.to(device)),
+                lambda xb: features(xb.to(device)),
                 d.x_test[idx],
                 d.y_test[idx],
                 projection,

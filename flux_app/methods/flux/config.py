@@ -44,6 +44,9 @@ class FluxConfig(ConfigSection):
     dp_seeded_noise: bool = False
     #: extra routing-labels values evaluated at the end (``"1,5,20"``): a column per k
     routing_labels_sweep: str = ""
+    #: where descriptors read the extractor's features: "head-input" (LeNet-5: 84-d) or "conv"
+    #: (the flattened conv stack, 400-d: the paper's layer)
+    descriptor_layer: str = "head-input"
 
     def sweep(self) -> list[int]:
         """``routing-labels-sweep`` as integers (validated)."""
@@ -54,6 +57,7 @@ class FluxConfig(ConfigSection):
         self.choice("clusterer", ("hdbscan", "knee-dbscan"))
         self.choice("noise_policy", ("attach", "singleton"))
         self.choice("dp_mechanism", ("gaussian", "laplace"))
+        self.choice("descriptor_layer", ("head-input", "conv"))
         self.check(self.cluster_round >= 0, "cluster_round", ">= 0 (0 = automatic)")
         self.check(self.cluster_min_round >= 1, "cluster_min_round", ">= 1")
         self.check(0 < self.cluster_max_fraction <= 1, "cluster_max_fraction", "in (0, 1]")

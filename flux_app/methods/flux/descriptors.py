@@ -432,6 +432,39 @@ class MomentAccumulator:
 # --------------------------------------------------------------------------------------------
 # Client-side computation
 # --------------------------------------------------------------------------------------------
+#: where the descriptor's features are read (``flux-descriptor-layer``)
+DESCRIPTOR_LAYERS = ("head-input", "conv")
+
+
+def descriptor_features(
+    model: torch.nn.Module, layer: str = "head-input"
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """The feature map a descriptor is computed from, and its width.
+
+    ``"head-input"``: the classifier head's input (LeNet-5: the 84-d output of the last FC
+    layer). ``"conv"``: the flattened output of the convolutional stack, the encoder's first
+    block (LeNet-5: 16 x 5 x 5 = 400-d), the layer the FLUX paper describes; only for encoders
+    built as ``Sequential(conv stack, FC layers...)`` (``lenet5``, ``cnn``).
+    """
+    if layer == "head-input":
+        return model.features, int(model.feature_dim)
+    if layer != "conv":
+        raise ValueError(f"descriptor layer must be one of {DESCRIPTOR_LAYERS}, not {layer!r}")
+    encoder = getattr(model, "encoder", None)
+    first = encoder[0] if isinstance(encoder, torch.nn.Sequential) and len(encoder) > 1 else None
+    after = encoder[1] if first is not None else None
+    if (
+        not isinstance(first, torch.nn.Sequential)
+        or not isinstance(first[-1], torch.nn.Flatten)
+        or not isinstance(after, torch.nn.Linear)
+    ):
+        raise ValueError(
+            "flux-descriptor-layer=conv needs an encoder whose first block is a flattened conv "
+            f"stack followed by a linear layer (lenet5, cnn); {type(model).__name__} has none"
+        )
+    return first, int(after.in_features)
+
+
 def compute_flux_descriptor(
     features: Callable[[torch.Tensor], torch.Tensor],
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],

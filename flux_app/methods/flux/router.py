@@ -25,7 +25,11 @@ from flux_app.common.models import build_model
 from flux_app.common.params import State
 from flux_app.common.training import batches
 from flux_app.methods.flux.clustering import BlockNormaliser, FluxClustering, route_many
-from flux_app.methods.flux.descriptors import compute_flux_descriptor, projection_matrix
+from flux_app.methods.flux.descriptors import (
+    compute_flux_descriptor,
+    descriptor_features,
+    projection_matrix,
+)
 from flux_app.methods.flux.fewshot import compute_class_sample, route_with_labels, select_labelled
 
 FORMAT = 1
@@ -45,6 +49,7 @@ def save_router(
     dp_clip: float,
     class_names: list[str],
     strategy: str,
+    descriptor_layer: str = "head-input",
 ) -> str:
     """Write ``folder`` (the run's ``router/``); returns its path."""
     os.makedirs(os.path.join(folder, "models"), exist_ok=True)
@@ -70,6 +75,7 @@ def save_router(
         "proj_dim": int(proj_dim),
         "proj_seed": int(proj_seed),
         "dp_clip": float(dp_clip),
+        "descriptor_layer": descriptor_layer,
         "missing_penalty": float(clustering.missing_penalty),
         "clusters": sorted(int(c) for c in models),
         "class_names": list(class_names),
@@ -150,14 +156,15 @@ class Router:
         ``-2 log L``.
         """
         model = self.extractor
-        k = int(self.manifest["proj_dim"]) or min(
-            int(self.manifest["num_classes"]), model.feature_dim
+        features, width = descriptor_features(
+            model, self.manifest.get("descriptor_layer", "head-input")
         )
-        projection = projection_matrix(model.feature_dim, k, int(self.manifest["proj_seed"]))
+        k = int(self.manifest["proj_dim"]) or min(int(self.manifest["num_classes"]), width)
+        projection = projection_matrix(width, k, int(self.manifest["proj_seed"]))
         y = torch.zeros(len(x), dtype=torch.int64)
         with torch.no_grad():
             desc = compute_flux_descriptor(
-                model.features,
+                features,
                 batches(x, y, 512),
                 projection,
                 int(self.manifest["num_classes"]),
@@ -172,7 +179,7 @@ class Router:
             x_l, y_l = labelled
             idx = select_labelled(y_l, labels_per_class, seed=0)
             sample = compute_class_sample(
-                model.features,
+                features,
                 x_l[idx],
                 y_l[idx],
                 projection,

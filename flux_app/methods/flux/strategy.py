@@ -144,6 +144,8 @@ class Flux(ClusteredStrategy):
             conf["dp-seeded-noise"] = True
         if labels > 0:  # likewise
             conf["routing-labels"] = int(labels)
+        if cfg.descriptor_layer != "head-input":  # likewise
+            conf["layer"] = cfg.descriptor_layer
         return RecordDict({"arrays": to_record(self.extractor), "config": ConfigRecord(conf)})
 
     def collect_descriptors(
@@ -181,8 +183,12 @@ class Flux(ClusteredStrategy):
         )
 
     def feature_dim(self) -> int:
-        """Width of the extractor's features (the head's input)."""
-        return int(self.extractor["head.weight"].shape[1]) if self.extractor is not None else 0
+        """Width of the features descriptors read (``flux-descriptor-layer``)."""
+        if self.extractor is None:
+            return 0
+        if self.opts.descriptor_layer == "conv":  # the input of the FC layer after the convs
+            return int(self.extractor["encoder.1.weight"].shape[1])
+        return int(self.extractor["head.weight"].shape[1])
 
     def cluster_now(self, server_round: int) -> None:
         """The clustering round: descriptors with the frozen global model, clusters, models."""
@@ -303,6 +309,7 @@ class Flux(ClusteredStrategy):
             proj_dim=self.opts.proj_dim,
             proj_seed=self.opts.proj_seed,
             dp_clip=self.opts.dp_clip,
+            descriptor_layer=self.opts.descriptor_layer,
             class_names=self.cfg.class_name_list,
             strategy=self.name,
         )
