@@ -28,6 +28,8 @@ app = PluginClientApp()
 
 def _run(handler: Handler, msg: Message, context: Context) -> Message:
     runtime = ClientRuntime.from_context(context.run_config, context.node_config, context.state)
+    group = str(msg.metadata.group_id)  # the engine sends every message of a round in its group
+    runtime.server_round = int(group) if group.isdigit() else 0
     return Message(handler(msg.content, runtime), reply_to=msg)
 
 

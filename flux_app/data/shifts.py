@@ -420,7 +420,12 @@ def _check_partitions(source: Source, num_partitions: int, partition_id: int | N
         )
 
 
-def partition_plan(source: Source, spec: ShiftSpec, num_partitions: int) -> tuple[ClientPlan, ...]:
+def partition_plan(
+    source: Source,
+    spec: ShiftSpec,
+    num_partitions: int,
+    regroup: tuple[tuple[int, int], ...] = (),
+) -> tuple[ClientPlan, ...]:
     """Every client's plan (memoised per process; index arrays are read-only).
 
     Parameters
@@ -431,6 +436,10 @@ def partition_plan(source: Source, spec: ShiftSpec, num_partitions: int) -> tupl
         The shift and its parameters.
     num_partitions : int
         Number of clients ``N``.
+    regroup : tuple of (partition id, group)
+        Clients whose data is drawn from another group's distribution (drift,
+        :mod:`flux_app.data.drift`): the same samples of their own share, that group's shift.
+        Shifts with planted groups only (not ``label-skew`` / ``dirichlet``).
 
     Returns
     -------
@@ -438,25 +447,34 @@ def partition_plan(source: Source, spec: ShiftSpec, num_partitions: int) -> tupl
         Indexed by partition id.
     """
     _check_partitions(source, num_partitions)
-    return _plan_cached(source, spec, int(num_partitions))
+    return _plan_cached(source, spec, int(num_partitions), tuple(regroup))
 
 
 @functools.lru_cache(maxsize=8)
-def _plan_cached(source: Source, spec: ShiftSpec, n: int) -> tuple[ClientPlan, ...]:
+def _plan_cached(
+    source: Source, spec: ShiftSpec, n: int, regroup: tuple[tuple[int, int], ...] = ()
+) -> tuple[ClientPlan, ...]:
     y_train = source.y_train.numpy()
     y_test = source.y_test.numpy()
     c = source.num_classes
+    if regroup and spec.kind in ("label-skew", "dirichlet"):
+        raise ValueError(f"drift needs a shift with planted groups, not {spec.kind!r}")
     if spec.kind == "label-skew":
         plans = _plan_label_skew(y_train, y_test, c, spec, n)
     elif spec.kind == "dirichlet":
         plans = _plan_dirichlet(y_train, y_test, c, spec, n)
     else:
-        plans = _plan_base(y_train, y_test, c, spec, n)
+        plans = _plan_base(y_train, y_test, c, spec, n, dict(regroup))
     return tuple(plans)
 
 
 def _plan_base(
-    y_train: np.ndarray, y_test: np.ndarray, c: int, spec: ShiftSpec, n: int
+    y_train: np.ndarray,
+    y_test: np.ndarray,
+    c: int,
+    spec: ShiftSpec,
+    n: int,
+    regroup: dict[int, int] | None = None,
 ) -> list[ClientPlan]:
     seed, level, kind = spec.seed, spec.level, spec.kind
     train_shares = _iid(len(y_train), n, seed, "train")
@@ -489,6 +507,10 @@ def _plan_base(
     elif kind == "concept":
         label_maps = [np.arange(c), c - 1 - np.arange(c), (np.arange(c) + 1) % c]
     groups = _assign_balanced(n, num_options, _rng(seed, "assign", kind))
+    for pid, g in (regroup or {}).items():  # drift: another group's distribution
+        if not 0 <= g < num_options:
+            raise ValueError(f"group {g} does not exist ({num_options} options)")
+        groups[int(pid)] = int(g)
 
     plans = []
     for pid in range(n):
@@ -654,7 +676,11 @@ def _apply(
 
 
 def make_client_data(
-    source: Source, spec: ShiftSpec, num_partitions: int, partition_id: int
+    source: Source,
+    spec: ShiftSpec,
+    num_partitions: int,
+    partition_id: int,
+    regroup: tuple[tuple[int, int], ...] = (),
 ) -> ClientData:
     """Build one client's train / validation / test data.
 
@@ -668,6 +694,8 @@ def make_client_data(
         Number of clients ``N >= 1``.
     partition_id : int
         This client, ``0 <= partition_id < N``.
+    regroup : tuple of (partition id, group)
+        Drifted clients (see :func:`partition_plan`).
 
     Returns
     -------
@@ -680,7 +708,7 @@ def make_client_data(
         ``num_partitions`` < 1 or larger than the training set, ``partition_id`` out of range.
     """
     _check_partitions(source, num_partitions, partition_id)
-    plan = partition_plan(source, spec, num_partitions)[int(partition_id)]
+    plan = partition_plan(source, spec, num_partitions, regroup)[int(partition_id)]
     parts = []
     for x_all, y_all, idx in (
         (source.x_train, source.y_train, plan.train_idx),

@@ -44,6 +44,7 @@ from flux_app.common.records import from_record, get_array_record, to_record
 from flux_app.common.seeding import derive_seed
 from flux_app.common.training import evaluate, resolve_device, set_deterministic, train
 from flux_app.data import ClientData, ShiftSpec, load_source, make_client_data, partition_cache
+from flux_app.data.drift import drift_regroup
 from flux_app.data.folder import FolderData, load_folder
 from flux_app.engine.config import RunConfig
 from flux_app.engine.registry import TRAIN_HOOKS, register_query
@@ -80,13 +81,14 @@ def _partition(
     spec: ShiftSpec,
     num_partitions: int,
     partition_id: int,
+    regroup: tuple[tuple[int, int], ...] = (),
 ) -> ClientData:
     """A simulated partition: from the node's disk cache when it was built before (a new
     ClientApp process per message must not rebuild it), else built and cached."""
 
     def build() -> ClientData:
         source = load_source(dataset, data_root, spec.seed)
-        return make_client_data(source, spec, num_partitions, partition_id)
+        return make_client_data(source, spec, num_partitions, partition_id, regroup)
 
     definition = {
         "dataset": dataset,
@@ -95,6 +97,8 @@ def _partition(
         "num_partitions": num_partitions,
         "partition_id": partition_id,
     }
+    if regroup:  # only then: every other partition keeps its cache key
+        definition["regroup"] = [list(p) for p in regroup]
     return partition_cache.load_or_build(definition, build)
 
 
@@ -149,6 +153,8 @@ class ClientRuntime:
     state: RecordDict = field(default_factory=RecordDict, repr=False)
     #: the site's own data folder (node-config ``data-path``); empty for a simulated partition
     data_path: str = ""
+    #: the round of the message being served (its group id; 0 when unknown): drift needs it
+    server_round: int = 0
     _data: ClientData | None = field(default=None, repr=False)
     _site: FolderData | None = field(default=None, repr=False)
 
@@ -211,8 +217,21 @@ class ClientRuntime:
                 shift_spec(self.cfg),
                 self.num_partitions,
                 self.partition_id,
+                self._drift(),
             )
         return self._data
+
+    def _drift(self) -> tuple[tuple[int, int], ...]:
+        """This node's new group once ``drift-round`` has come (simulated drift), else ()."""
+        cfg = self.cfg
+        if cfg.drift_round <= 0 or self.server_round < cfg.drift_round:
+            return ()
+        spec = shift_spec(cfg)
+        source = load_source(cfg.dataset, cfg.data_root, spec.seed)
+        moves = drift_regroup(
+            source, spec, self.num_partitions, cfg.holdout_clients, cfg.drift_fraction
+        )
+        return tuple((p, g) for p, g in moves if p == self.partition_id)
 
     @property
     def device(self) -> torch.device:

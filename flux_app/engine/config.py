@@ -142,6 +142,10 @@ class RunConfig:
     min_evaluate_nodes: int = 1
     #: labelled samples per class a routed (test-time / held-out) client uses; 0 = label-free
     routing_labels: int = 0
+    #: simulated drift: from this round on, ``drift-fraction`` of the training clients draw
+    #: their data from another group's distribution (0 = no drift; flux_app/data/drift.py)
+    drift_round: int = 0
+    drift_fraction: float = 0.3
     model: str = "auto"
     seed: int = 0
     device: str = "auto"
@@ -367,6 +371,8 @@ def _validate_common(cfg: RunConfig) -> None:
     _check(0 < cfg.fraction_evaluate <= 1, "fraction-evaluate", cfg.fraction_evaluate, "in (0, 1]")
     _check(cfg.min_evaluate_nodes >= 1, "min-evaluate-nodes", cfg.min_evaluate_nodes, ">= 1")
     _check(0 <= cfg.routing_labels <= 10_000, "routing-labels", cfg.routing_labels, "in [0, 10000]")
+    _check(cfg.drift_round >= 0, "drift-round", cfg.drift_round, ">= 0 (0 = no drift)")
+    _check(0 < cfg.drift_fraction <= 1, "drift-fraction", cfg.drift_fraction, "in (0, 1]")
     for key in ("max-model-norm-ratio", "max-update-norm-ratio", "max-train-size-ratio"):
         value = getattr(cfg, key.replace("-", "_"))
         _check(value == 0 or value > 1, key, value, "0 (no bound) or > 1")

@@ -208,6 +208,7 @@ __all__ = [
     "knee_point",
     "label_free_embed",
     "measured_inflation",
+    "pair_ratios",
     "route",
     "route_many",
 ]
@@ -846,6 +847,8 @@ class FluxClustering:
     method: str = "hdbscan"
     notes: list[str] = field(default_factory=list)
     routing_scatter: np.ndarray | None = None
+    #: the descriptor-noise inflation measured on validation pairs (None: not measured)
+    inflation: float | None = None
 
     @property
     def sizes(self) -> np.ndarray:
@@ -1129,31 +1132,48 @@ def measured_inflation(
     float or None
         None when fewer than 2 clients have a usable pair.
     """
-    pairs = [
-        (a, b)
-        for a, b in zip(train, check, strict=True)
+    usable = [
+        i
+        for i, (a, b) in enumerate(zip(train, check, strict=True))
         if a is not None and b is not None and not a.is_label_free and not b.is_label_free
     ]
-    if len(pairs) < 2:
+    if len(usable) < 2:
         return None
-    sa = _stack([a for a, _ in pairs], label_free=False)
-    sb = _stack([b for _, b in pairs], label_free=False)
+    ratio, nu = pair_ratios([train[i] for i in usable], [check[i] for i in usable], normaliser)
+    ok = np.isfinite(nu)
+    if ok.sum() < 2:
+        return None
+    from scipy.stats import chi2
+
+    nu_med = float(np.median(nu[ok]))
+    raw = float(np.median(ratio[ok])) / (chi2.median(nu_med) / nu_med)
+    return float(np.clip(raw, 1.0, MAX_INFLATION))
+
+
+def pair_ratios(
+    first: Sequence[FluxDescriptor], second: Sequence[FluxDescriptor], normaliser: BlockNormaliser
+) -> tuple[np.ndarray, np.ndarray]:
+    """For pairs of full descriptors of the same clients: ``||e_1 - e_2||^2 / (V_1 + V_2)`` over
+    the coordinates both observe (label-free blocks, classes with ``n_c >= 2`` at both), and its
+    effective degrees of freedom (``inf`` where no coordinate has sampling variance).
+
+    Under "same distribution" the ratio is ``lambda * chi2(nu) / nu`` (``lambda``: the noise
+    inflation). Used to measure ``lambda`` (:func:`measured_inflation`) and to notice drift.
+    """
+    sa = _stack(list(first), label_free=False)
+    sb = _stack(list(second), label_free=False)
     xa, xb = _embed_stack(sa, normaliser, 0.0), _embed_stack(sb, normaliser, 0.0)
     va, vb = _noise_var_stack(sa, normaliser), _noise_var_stack(sb, normaliser)
-    k, c, m = normaliser.dim, normaliser.num_classes, len(pairs)
+    k, c, m = normaliser.dim, normaliser.num_classes, len(first)
     both = np.repeat(sa.present & sb.present, k, axis=1)  # [m, C*K]
     mask = np.concatenate([np.ones((m, 2 * k), bool), both, both, np.zeros((m, c), bool)], 1)
     var = np.where(mask, va + vb, 0.0)
     total = var.sum(axis=1)
+    dist = np.where(mask, (xa - xb) ** 2, 0.0).sum(axis=1)
     ok = total > 0
-    if ok.sum() < 2:
-        return None
-    ratio = np.where(mask, (xa - xb) ** 2, 0.0).sum(axis=1)[ok] / total[ok]
-    nu = float(np.median(total[ok] ** 2 / np.maximum((var[ok] ** 2).sum(axis=1), 1e-300)))
-    from scipy.stats import chi2
-
-    raw = float(np.median(ratio)) / (chi2.median(nu) / nu)
-    return float(np.clip(raw, 1.0, MAX_INFLATION))
+    ratio = np.where(ok, dist / np.where(ok, total, 1.0), np.where(dist > 0, np.inf, 0.0))
+    nu = np.where(ok, total**2 / np.maximum((var**2).sum(axis=1), 1e-300), np.inf)
+    return ratio, nu
 
 
 def _dissolve_mixed(
@@ -1384,6 +1404,7 @@ def cluster_descriptors(
         method=method,
         notes=notes,
         routing_scatter=routing_scatter(x[:, :k2], labels, k2 // 2),
+        inflation=inflation,
     )
 
 

@@ -47,6 +47,9 @@ class FluxConfig(ConfigSection):
     #: where descriptors read the extractor's features: "head-input" (LeNet-5: 84-d) or "conv"
     #: (the flattened conv stack, 400-d: the paper's layer)
     descriptor_layer: str = "head-input"
+    #: re-describe the training nodes every r rounds after clustering and re-cluster when one
+    #: changed (drift); 0 = never
+    drift_check_every: int = 0
 
     def sweep(self) -> list[int]:
         """``routing-labels-sweep`` as integers (validated)."""
@@ -58,6 +61,7 @@ class FluxConfig(ConfigSection):
         self.choice("noise_policy", ("attach", "singleton"))
         self.choice("dp_mechanism", ("gaussian", "laplace"))
         self.choice("descriptor_layer", ("head-input", "conv"))
+        self.check(self.drift_check_every >= 0, "drift_check_every", ">= 0 (0 = never)")
         self.check(self.cluster_round >= 0, "cluster_round", ">= 0 (0 = automatic)")
         self.check(self.cluster_min_round >= 1, "cluster_min_round", ">= 1")
         self.check(0 < self.cluster_max_fraction <= 1, "cluster_max_fraction", "in (0, 1]")

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flux_app.common.statecodec import state_type
+
 __all__ = [
     "MAX_ABS_VALUE",
     "MAX_COUNT",
@@ -123,6 +125,7 @@ def _as_f64(x: object) -> np.ndarray:
     return np.array(x, dtype=np.float64, copy=True)
 
 
+@state_type
 @dataclass
 class FluxDescriptor:
     """Moments of one client's projected features.

@@ -85,6 +85,28 @@ def save_router(
     return folder
 
 
+def save_router_of(strategy: Any, folder: str) -> str:
+    """:func:`save_router` for a clustered FLUX strategy (extractor, clustering, models and the
+    run-config's descriptor settings)."""
+    shape, classes = strategy.cfg.model_input
+    opts = strategy.opts
+    return save_router(
+        folder,
+        extractor=strategy.extractor,
+        clustering=strategy.result,
+        models=strategy.models,
+        model_name=strategy.cfg.model_name,
+        input_shape=shape,
+        num_classes=classes,
+        proj_dim=opts.proj_dim,
+        proj_seed=opts.proj_seed,
+        dp_clip=opts.dp_clip,
+        descriptor_layer=opts.descriptor_layer,
+        class_names=strategy.cfg.class_name_list,
+        strategy=strategy.name,
+    )
+
+
 @dataclass
 class Router:
     """A saved FLUX router (see the module docstring)."""
@@ -198,4 +220,4 @@ class Router:
         )
 
 
-__all__ = ["FORMAT", "Router", "save_router"]
+__all__ = ["FORMAT", "Router", "save_router", "save_router_of"]

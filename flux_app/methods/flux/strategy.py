@@ -38,6 +38,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from flux_app.common.params import State, clone_state
 from flux_app.common.records import get_array_record, record_to_arrays, to_record
+from flux_app.common.statecodec import NodeKeyed
 from flux_app.engine.config import ConfigError
 from flux_app.engine.metrics import mean
 from flux_app.engine.registry import register_strategy
@@ -45,13 +46,22 @@ from flux_app.engine.strategy import ClusteredStrategy
 from flux_app.methods.flux.clustering import FluxClustering, cluster_descriptors
 from flux_app.methods.flux.config import FluxConfig
 from flux_app.methods.flux.descriptors import FluxDescriptor
+from flux_app.methods.flux.drift import check_drift
 from flux_app.methods.flux.privacy import privacy_report
-from flux_app.methods.flux.router import save_router
+from flux_app.methods.flux.router import save_router_of
 from flux_app.methods.flux.routing import route_nodes, routed_metrics
 
 logger = logging.getLogger("flwr")
 
 DESCRIPTOR = "query.descriptor"
+
+
+def _check_routing_labels(dp_noise: float, routing_labels: int) -> None:
+    if dp_noise > 0 and routing_labels > 0:
+        raise ConfigError(
+            "routing-labels > 0 with flux-dp-noise > 0: the few-shot class moments a routed "
+            "node sends are not noised; use one or the other"
+        )
 
 
 @register_strategy("flux")
@@ -73,11 +83,11 @@ class Flux(ClusteredStrategy):
         self.descriptor_releases: dict[str, dict[str, int]] = {}
         #: the clustering round's validation descriptors, aligned with fit_clusters' input
         self.noise_checks: list[FluxDescriptor | None] | None = None
-        if self.opts.dp_noise > 0 and self.cfg.routing_labels > 0:
-            raise ConfigError(
-                "routing-labels > 0 with flux-dp-noise > 0: the few-shot class moments a routed "
-                "node sends are not noised; use one or the other"
-            )
+        #: each training node's descriptor at the last clustering (drift checks compare with it)
+        self.reference: dict[int, FluxDescriptor] = {}
+        #: rounds whose drift check re-clustered
+        self.drift_rounds: list[int] = []
+        _check_routing_labels(self.opts.dp_noise, self.cfg.routing_labels)
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {
@@ -88,6 +98,8 @@ class Flux(ClusteredStrategy):
                 "cluster_round": self.cluster_round,
                 "val_history": self.val_history,
                 "descriptor_releases": self.descriptor_releases,
+                "reference": NodeKeyed(self.reference),
+                "drift_rounds": self.drift_rounds,
             },
         }
 
@@ -101,6 +113,8 @@ class Flux(ClusteredStrategy):
             str(name): {str(k): int(c) for k, c in counts.items()}
             for name, counts in own.get("descriptor_releases", {}).items()
         }
+        self.reference = dict(own.get("reference", {}))
+        self.drift_rounds = [int(r) for r in own.get("drift_rounds", [])]
 
     # ------------------------------------------------------------------ schedule
     def should_cluster(self, server_round: int) -> bool:
@@ -119,6 +133,8 @@ class Flux(ClusteredStrategy):
     def before_round(self, server_round: int) -> None:  # noqa: D102
         if self.result is None and self.should_cluster(server_round):
             self.cluster_now(server_round)
+        else:
+            check_drift(self, server_round)
 
     def after_round(self, server_round: int, row: dict[str, Any]) -> None:  # noqa: D102
         if row.get("val_accuracy") is not None:
@@ -208,6 +224,7 @@ class Flux(ClusteredStrategy):
             self.noise_checks = [got.get(n) for n in ids]
         self.result = self.fit_clusters([descs[n] for n in ids])
         self.noise_checks = None  # only the clustering round's fit uses them
+        self.reference = {n: descs[n] for n in ids}
         self.cluster_round = server_round
         global_model = self.models[0]
         self.models = {z: clone_state(global_model) for z in range(self.result.num_clusters)}
@@ -276,7 +293,11 @@ class Flux(ClusteredStrategy):
                 "cluster_round": None,
                 "privacy": self.privacy(),
             }
-        out = {**routed_metrics(self), "cluster_round": self.cluster_round}
+        out = {
+            **routed_metrics(self),
+            "cluster_round": self.cluster_round,
+            "reclustered_rounds": list(self.drift_rounds),
+        }
         out["privacy"] = self.privacy()  # after the routing above: it releases descriptors too
         return out
 
@@ -295,24 +316,8 @@ class Flux(ClusteredStrategy):
 
     def save_artifacts(self, run_dir: str) -> None:
         """``<run>/router/``: everything routing a newcomer offline needs (``flux_app.route``)."""
-        if self.result is None or self.extractor is None:
-            return
-        shape, classes = self.cfg.model_input
-        save_router(
-            os.path.join(run_dir, "router"),
-            extractor=self.extractor,
-            clustering=self.result,
-            models=self.models,
-            model_name=self.cfg.model_name,
-            input_shape=shape,
-            num_classes=classes,
-            proj_dim=self.opts.proj_dim,
-            proj_seed=self.opts.proj_seed,
-            dp_clip=self.opts.dp_clip,
-            descriptor_layer=self.opts.descriptor_layer,
-            class_names=self.cfg.class_name_list,
-            strategy=self.name,
-        )
+        if self.result is not None and self.extractor is not None:
+            save_router_of(self, os.path.join(run_dir, "router"))
 
     def results_known(self) -> float | None:
         """accuracy_known of the final evaluation (the same model when nothing was clustered)."""
