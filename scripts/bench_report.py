@@ -164,7 +164,69 @@ def flux_section(spec: dict, paper: dict, done: dict[str, dict]) -> list[str]:
         f"Paper: {paper['note']}; level 8 best baseline {paper['best_baseline_level8']}.",
         "",
     ]
-    return out + flux_peers_table(spec, by) + flux_peers_table(spec, by, holdout=True)
+    return (
+        out
+        + flux_fewshot_table(by, paper)
+        + flux_peers_table(spec, by)
+        + flux_peers_table(spec, by, holdout=True)
+    )
+
+
+#: routing-labels values of the few-label table (0 = label-free: accuracy_routed / _holdout)
+FEWSHOT_K = (0, 1, 5, 20)
+
+
+def _k_key(kind: str, k: int) -> str:
+    return f"accuracy_{kind}" if k == 0 else f"accuracy_{kind}_k{k}"
+
+
+def flux_fewshot_table(by: dict, paper: dict) -> list[str]:
+    """FLUX's test phase and held-out clients routed with k labelled samples per class."""
+    keyed = {
+        key: m["flux"]
+        for key, m in by.items()
+        if m.get("flux") and all("accuracy_routed_k5" in r["final"] for r in m["flux"])
+    }
+    if not keyed:
+        return []
+    cols = [f"test phase k={k}" for k in FEWSHOT_K] + [f"held-out k={k}" for k in FEWSHOT_K]
+    out = [
+        "Few-label routing (`routing-labels=k`, issue #14): the training clients' test data "
+        "(test phase) and the held-out clients routed with k labelled test samples per class "
+        "(k = 0: label-free), from the same runs (`flux-routing-labels-sweep`); FLUX known "
+        "(the cluster assigned in training) is the test phase's ceiling.",
+        "",
+        "| shift | level | FLUX known | " + " | ".join(cols) + " | n |",
+        "|---|---|---|" + "---|" * len(cols) + "---|",
+    ]
+    for (shift, level), fl in sorted(keyed.items()):
+        cells = [_pct([r["final"][_k_key("routed", k)] for r in fl]) for k in FEWSHOT_K]
+        cells += [_pct([r["final"][_k_key("holdout", k)] for r in fl]) for k in FEWSHOT_K]
+        known = _pct([r["final"]["accuracy_known"] for r in fl])
+        out.append(f"| {shift} | {level} | {known} | " + " | ".join(cells) + f" | {len(fl)} |")
+    out += [
+        "",
+        "Mean over the four shifts (px, py, pyx, pxy), seeds pooled:",
+        "",
+        "| level | FLUX known | "
+        + " | ".join(f"test phase k={k}" for k in FEWSHOT_K)
+        + " | FLUX (paper) | shifts |",
+        "|---|---|" + "---|" * len(FEWSHOT_K) + "---|---|",
+    ]
+    for level in sorted({lv for _, lv in keyed}):
+        shifts = sorted(s for s, lv in keyed if lv == level and s != "none")
+
+        def level_mean(key: str, shifts: list[str] = shifts, level: int = level) -> str:
+            vals = [_mean([r["final"][key] for r in keyed[(s, level)]]) for s in shifts]
+            vals = [v for v in vals if v is not None]
+            return f"{100 * sum(vals) / len(vals):.1f}" if vals else "–"
+
+        out.append(
+            f"| {level} | {level_mean('accuracy_known')} | "
+            + " | ".join(level_mean(_k_key("routed", k)) for k in FEWSHOT_K)
+            + f" | {paper['flux_by_level'].get(level, '–')} | {', '.join(shifts)} |"
+        )
+    return out + [""]
 
 
 #: (column, strategy, results key) of the every-method table of the FLUX protocol
@@ -531,6 +593,7 @@ def write_report(protocols: dict, paper: dict, done: dict[str, dict[str, dict]])
     )
     lines += notes("feddag-fmnist")
     lines += overhead_section()
+    lines += notes("performance")  # issue #15's measurements, written by hand from their scripts
     with open(DOC, "w") as fh:
         fh.write("\n".join(lines).rstrip() + "\n")
     print(f"[bench] wrote {os.path.relpath(DOC, ROOT)}")
