@@ -563,6 +563,59 @@ def overhead_section() -> list[str]:
     ]
 
 
+SCALE_METHODS = ("flux", "fedavg", "local", "pacfl", "ifca", "fesem", "cfl", "oracle")
+
+
+def scale_section(done: dict[str, dict]) -> list[str]:
+    """The scaling study: accuracy (known; FLUX also test phase and held-out) and wall time per
+    method against FedAvg's, by number of training clients and shift."""
+    rows = list(done.values())
+    if not rows:
+        return []
+    by: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        c = r["cell"]
+        by[(c["clients"], c["shift"], c["level"], c["seed"])][c["strategy"]] = r
+    out = [
+        "## FLUX protocol with more clients (the FLUX paper's scaling study)",
+        "",
+        "Command: `python scripts/benchmark.py flux-fmnist-scale --clients 25,50,100` (the FLUX "
+        "protocol's settings; the data split among more clients; IFCA / FeSEM told K). "
+        f"Machine: {_machines(rows)}. Cells: accuracy (%) of each client with its method's model "
+        "(known association); FLUX also *test phase* (routed label-free, and with 5 labels a "
+        "class) and *held-out*; *wall* = the method's wall time / FedAvg's on the same setting "
+        "(run back to back by one worker).",
+        "",
+        "| clients | shift | level | seed | "
+        + " | ".join(SCALE_METHODS)
+        + " | FLUX test phase | FLUX test phase k=5 | FLUX held-out | FLUX wall | best peer wall |",
+        "|---|---|---|---|" + "---|" * (len(SCALE_METHODS) + 5),
+    ]
+    for key, m in sorted(by.items()):
+        acc = [
+            _fmt(100 * m[s]["final"]["accuracy_known"], 1) if s in m else "–" for s in SCALE_METHODS
+        ]
+        fl = m.get("flux", {}).get("final", {})
+        base = m.get("fedavg", {}).get("final", {}).get("wall_seconds")
+        wall = _fmt(fl["wall_seconds"] / base, 2) + "x" if fl.get("wall_seconds") and base else "–"
+        peers = [s for s in ("local", "pacfl", "ifca", "fesem", "cfl") if s in m]
+        best = max(peers, key=lambda s: m[s]["final"]["accuracy_known"]) if peers else None
+        best_wall = (
+            f"{best} {m[best]['final']['wall_seconds'] / base:.2f}x" if best and base else "–"
+        )
+
+        def pct(key: str, fl: dict = fl) -> str:
+            return _fmt(100 * fl[key], 1) if fl.get(key) is not None else "–"
+
+        out.append(
+            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | "
+            + " | ".join(acc)
+            + f" | {pct('accuracy_routed')} | {pct('accuracy_routed_k5')} | "
+            f"{pct('accuracy_holdout')} | {wall} | {best_wall} |"
+        )
+    return out + [""]
+
+
 def notes(protocol: str) -> list[str]:
     """The hand-written reading of a protocol's numbers (docs/benchmarks/<protocol>-notes.md),
     kept apart so that regenerating the tables never loses it."""
@@ -588,6 +641,8 @@ def write_report(protocols: dict, paper: dict, done: dict[str, dict[str, dict]])
         lines += ["![FLUX protocol: every method](benchmarks/flux-fmnist-peers.png)", ""]
     lines += method_times_section()
     lines += notes("flux-fmnist")
+    lines += scale_section(done.get("flux-fmnist-scale", {}))
+    lines += notes("flux-fmnist-scale")
     lines += feddag_section(
         protocols["feddag-fmnist"], paper["feddag-fmnist"], done.get("feddag-fmnist", {})
     )

@@ -103,6 +103,21 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
             "seed": [0, 1, 2],
         },
     },
+    # The FLUX paper's scaling study: the FLUX protocol with 25 / 50 / 100 training clients (the
+    # `clients` axis; + the protocol's 2 held-out clients), level 4, every method (issue #14).
+    "flux-fmnist-scale": {
+        "title": "FLUX protocol with more clients (the FLUX paper's scaling study)",
+        "nodes": 12,  # replaced per cell by clients + holdout-clients
+        "config": {},  # = flux-fmnist's (filled below)
+        "k-from-groups": True,
+        "grid": {
+            "strategy": ["flux", "fedavg", "oracle", "local", "pacfl", "ifca", "fesem", "cfl"],
+            "clients": [25, 50, 100],
+            "shift": ["px", "py", "pyx", "pxy"],
+            "level": [4],
+            "seed": [0],
+        },
+    },
     "feddag-fmnist": {
         "title": "FedDAG protocol on Fashion-MNIST (FedDAG, ICLR 2026)",
         "nodes": 100,
@@ -139,6 +154,20 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         },
     },
 }
+
+PROTOCOLS["flux-fmnist-scale"]["config"] = {
+    **PROTOCOLS["flux-fmnist"]["config"],
+    "flux-routing-labels-sweep": "5",
+}
+
+
+def nodes_of(protocol: str, cell: dict[str, Any]) -> int:
+    """Simulated nodes of one cell: its ``clients`` (+ the held-out ones), else the protocol's."""
+    spec = PROTOCOLS[protocol]
+    if "clients" in cell:
+        return int(cell["clients"]) + int(spec["config"].get("holdout-clients", 0))
+    return int(spec["nodes"])
+
 
 # Strategy-specific run-config of a protocol (variants are strategies of the grid).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -202,12 +231,14 @@ def run_config(protocol: str, cell: dict[str, Any], rounds: int | None) -> dict[
     for axis, value in cell.items():
         if axis == "setting":
             cfg.update(spec["settings"][value])
+        elif axis == "clients":
+            continue  # the number of nodes (nodes_of), not a run-config key
         elif axis == "strategy":
             cfg.update(VARIANTS.get(value, {"strategy": value}))
         else:
             cfg[axis] = value
     if spec.get("k-from-groups") and cfg["strategy"] in TOLD_K:
-        cfg["num-clusters"] = planted_groups(cfg, spec["nodes"])
+        cfg["num-clusters"] = planted_groups(cfg, nodes_of(protocol, cell))
     if rounds:
         cfg["num-server-rounds"] = rounds
     name = "-".join(str(v) for v in cell.values()).replace("*", "star")
@@ -271,7 +302,7 @@ def run_grid(protocol: str, args: argparse.Namespace) -> int:
         t0 = time.time()
         print(f"{tag} ({i}/{len(todo)}) {run_key(cell)}", flush=True)
         try:
-            results, run_dir = run_inprocess(cfg, PROTOCOLS[protocol]["nodes"])
+            results, run_dir = run_inprocess(cfg, nodes_of(protocol, cell))
         except Exception:  # one failing cell must not stop a long grid
             failures += 1
             traceback.print_exc()
@@ -363,6 +394,7 @@ def main() -> int:
     parser.add_argument("--levels", help="comma list (flux-fmnist)")
     parser.add_argument("--settings", help="comma list (feddag-fmnist)")
     parser.add_argument("--seeds", help="comma list")
+    parser.add_argument("--clientss", "--clients", dest="clientss", help="comma list (scale)")
     parser.add_argument("--rounds", type=int, help="override num-server-rounds")
     parser.add_argument("--device", help="auto | cpu | cuda")
     parser.add_argument("--max-runs", type=int, default=0, help="stop after this many runs")
