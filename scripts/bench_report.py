@@ -563,6 +563,27 @@ def overhead_section() -> list[str]:
     ]
 
 
+def drift_section() -> list[str]:
+    """The drift study (scripts/drift_study.py), when it has results."""
+    path = os.path.join(PLOTS, "drift-study.jsonl")
+    if not os.path.exists(path):
+        return []
+    import drift_study  # scripts/drift_study.py
+
+    return [
+        "## Drift: FLUX re-clustering against a drift-aware Oracle",
+        "",
+        "Command: `python scripts/drift_study.py --shifts px,py --seeds 0,1 --workers 2` (the FLUX "
+        "protocol, 12 rounds, FLUX clusters at round 3; from round 6, 3 of the 10 training "
+        "clients draw their data from another group's distribution; FLUX is not told: "
+        "`flux-drift-check-every=1`). Accuracy: every training client on its current test data "
+        "with the model of its assigned cluster, after that round's training.",
+        "",
+        drift_study.report(),
+        "",
+    ]
+
+
 SCALE_METHODS = ("flux", "fedavg", "local", "pacfl", "ifca", "fesem", "cfl", "oracle")
 
 
@@ -643,6 +664,8 @@ def write_report(protocols: dict, paper: dict, done: dict[str, dict[str, dict]])
     lines += notes("flux-fmnist")
     lines += scale_section(done.get("flux-fmnist-scale", {}))
     lines += notes("flux-fmnist-scale")
+    lines += drift_section()
+    lines += notes("drift-study")
     lines += feddag_section(
         protocols["feddag-fmnist"], paper["feddag-fmnist"], done.get("feddag-fmnist", {})
     )
