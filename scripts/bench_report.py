@@ -167,9 +167,46 @@ def flux_section(spec: dict, paper: dict, done: dict[str, dict]) -> list[str]:
     return (
         out
         + flux_fewshot_table(by, paper)
+        + flux_layer_table(by)
         + flux_peers_table(spec, by)
         + flux_peers_table(spec, by, holdout=True)
     )
+
+
+def flux_layer_table(by: dict) -> list[str]:
+    """FLUX with descriptors on the 84-d head input (default) vs the paper's 400-d conv layer,
+    on the seeds where both ran."""
+    lines = []
+    for (shift, level), m in sorted(by.items()):
+        conv = {r["cell"]["seed"]: r["final"] for r in m.get("flux-conv", [])}
+        head = {
+            r["cell"]["seed"]: r["final"] for r in m.get("flux", []) if r["cell"]["seed"] in conv
+        }
+        if not head:
+            continue
+        seeds = sorted(head)
+
+        def cell(rows: dict, key: str, seeds: list = seeds) -> str:
+            return _pct([rows[s][key] for s in seeds])
+
+        lines.append(
+            f"| {shift} | {level} | {cell(head, 'accuracy_known')} | {cell(conv, 'accuracy_known')} "
+            f"| {_fmt(_mean([head[s]['ari'] for s in seeds]))} | "
+            f"{_fmt(_mean([conv[s]['ari'] for s in seeds]))} | {cell(head, 'accuracy_routed')} | "
+            f"{cell(conv, 'accuracy_routed')} | {', '.join(map(str, seeds))} |"
+        )
+    if not lines:
+        return []
+    return [
+        "Descriptor layer (`flux-descriptor-layer`): the 84-d head input (default) against the "
+        "FLUX paper's 400-d conv output (`conv`, method `flux-conv` of the grid), same seeds.",
+        "",
+        "| shift | level | known (head) | known (conv) | ARI (head) | ARI (conv) | test phase "
+        "k=0 (head) | test phase k=0 (conv) | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *lines,
+        "",
+    ]
 
 
 #: routing-labels values of the few-label table (0 = label-free: accuracy_routed / _holdout)

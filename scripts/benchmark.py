@@ -173,6 +173,8 @@ def nodes_of(protocol: str, cell: dict[str, Any]) -> int:
 VARIANTS: dict[str, dict[str, Any]] = {
     "feddag*": {"strategy": "feddag", "feddag-variant": "single"},
     "feddag-dagger": {"strategy": "feddag", "feddag-variant": "dagger"},
+    # FLUX with descriptors on the paper's layer (LeNet-5's 400-d conv output, issue #14)
+    "flux-conv": {"strategy": "flux", "flux-descriptor-layer": "conv"},
 }
 
 PAPER = {
