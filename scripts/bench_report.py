@@ -281,6 +281,7 @@ def flux_fewshot_table(by: dict, paper: dict) -> list[str]:
 #: (column, strategy, results key) of the every-method table of the FLUX protocol
 PEER_COLUMNS = [
     ("FLUX test phase", "flux", "accuracy_routed"),
+    ("FLUX test phase k=5", "flux", "accuracy_routed_k5"),
     ("FLUX known", "flux", "accuracy_known"),
     ("FedAvg", "fedavg", "accuracy_known"),
     ("Local", "local", "accuracy_known"),
@@ -293,6 +294,7 @@ PEER_COLUMNS = [
 #: the same for the held-out clients (Local has no model for a client that never trained)
 HOLDOUT_COLUMNS = [
     ("FLUX (label-free)", "flux", "accuracy_holdout"),
+    ("FLUX (k=5)", "flux", "accuracy_holdout_k5"),
     ("FedAvg", "fedavg", "accuracy_holdout"),
     ("PACFL", "pacfl", "accuracy_holdout"),
     ("IFCA", "ifca", "accuracy_holdout"),
@@ -366,7 +368,7 @@ def flux_peers_table(
     else:
         intro = (
             "Every method on the same partitions, seed-matched: each cell is the mean over the seeds "
-            "listed in its row (those where every peer of the row ran). FLUX's *test phase* is label-free routing; "
+            "listed in its row (those where every peer of the row ran). FLUX's *test phase* is label-free routing (*k=5*: with 5 labelled samples a class, `routing-labels=5`); "
             "every other column is each client's accuracy with the model its method assigns in "
             "training (IFCA and CFL pick it by loss on labelled data, FeSEM by parameter distance). "
             "IFCA and FeSEM are given K = the number of planted groups among the training clients; "
