@@ -46,3 +46,17 @@ def small_run(tmp_path):
         "run-name": "test",
         "device": "cpu",
     }
+
+
+@pytest.fixture
+def feddag_run(small_run):
+    """A fast FedDAG run on the synthetic label-skew protocol (one warm-up round)."""
+    return small_run | {
+        "strategy": "feddag",
+        "shift": "label-skew",
+        "rho": 0.2,
+        "alpha": 1.0,
+        "num-server-rounds": 2,
+        "feddag-warmup-rounds": 1,
+        "feddag-warmup-epochs": 2,
+    }

@@ -177,7 +177,7 @@ def test_fit_uses_the_configured_linkage_and_pick(monkeypatch) -> None:
     assert fit.sweep.pick == "lowest-loss" and fit.labels == [0, 1, 2, 3]
 
 
-def test_end_to_end_with_the_authors_linkage(small_run, monkeypatch) -> None:
+def test_end_to_end_with_the_authors_linkage(feddag_run, monkeypatch) -> None:
     """A FedDAG run with ``feddag-linkage = "weighted"``: the sweep and the held-out nodes'
     placement use WPGMA (the merge-tree weights reach the newcomer pass)."""
     import flux_app.methods.feddag.strategy as strategy_module
@@ -193,17 +193,7 @@ def test_end_to_end_with_the_authors_linkage(small_run, monkeypatch) -> None:
         return place(rows, labels, alpha, clusters, linkage, weights)
 
     monkeypatch.setattr(strategy_module, "place_newcomers", spy)
-    cfg = small_run | {
-        "strategy": "feddag",
-        "shift": "label-skew",
-        "rho": 0.2,
-        "alpha": 1.0,
-        "num-server-rounds": 2,
-        "feddag-warmup-rounds": 1,
-        "feddag-warmup-epochs": 2,
-        "feddag-linkage": "weighted",
-        "holdout-clients": 2,
-    }
+    cfg = feddag_run | {"feddag-linkage": "weighted", "holdout-clients": 2}
     rc = RunConfig.from_mapping(cfg)
     strategy = build_strategy(rc)
     results = strategy.start(InProcessGrid(app, rc.to_dict(), 17))

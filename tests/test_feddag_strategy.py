@@ -23,19 +23,6 @@ def _start(cfg: dict, n: int, **grid_kw):
     return strategy, results
 
 
-@pytest.fixture
-def feddag_run(small_run):
-    return small_run | {
-        "strategy": "feddag",
-        "shift": "label-skew",
-        "rho": 0.2,
-        "alpha": 1.0,
-        "num-server-rounds": 2,
-        "feddag-warmup-rounds": 1,
-        "feddag-warmup-epochs": 2,
-    }
-
-
 def test_clusters_label_skew_groups_and_routes_newcomers(feddag_run):
     strategy, results = _start(feddag_run | {"holdout-clients": 2}, 17)
     clustering = results["clustering"]
