@@ -157,8 +157,12 @@ def flux_section(spec: dict, paper: dict, done: dict[str, dict]) -> list[str]:
             f"Measured side by side (`{timing['command']}`: {st['a']} and {st['b']} alternately in "
             f"one process, shift {st['shift']} level {st['level']} seed {st['seed']}, "
             f"{len(timing['wall_seconds'][st['a']])} runs each): {st['a']} / {st['b']} = "
-            f"{timing['wall_ratio']:.3f}x wall, {timing['cpu_ratio']:.3f}x CPU time. "
-            "The grid's own ratios above scatter with the load of whatever else ran.",
+            f"{timing['wall_ratio']:.3f}x wall, {timing['cpu_ratio']:.3f}x CPU time."
+            + (
+                " The grid's own ratios above scatter with the load of whatever else ran."
+                if ratios
+                else ""
+            ),
         ]
     out += [
         "",
