@@ -67,3 +67,29 @@ def test_flux_notices_drift_reclusters_and_the_oracle_follows(small_run):
         if info.partition_id in moves:
             assert info.group == moves[info.partition_id]
             assert o.assignment[node] == o.cluster_of_group[info.group]
+
+
+def test_changed_nodes_flags_a_new_distribution_not_sampling_noise():
+    import torch
+
+    from flux_app.methods.flux.clustering import BlockNormaliser
+    from flux_app.methods.flux.descriptors import MomentAccumulator
+    from flux_app.methods.flux.drift import changed_nodes
+
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(4, 6))
+
+    def desc(shift=0.0, n=800):
+        y = rng.integers(0, 4, size=n)
+        z = means[y] + rng.normal(size=(n, 6)) + shift
+        acc = MomentAccumulator(4, 6)
+        acc.update(torch.from_numpy(z), torch.from_numpy(y))
+        return acc.finalize()
+
+    before = [desc() for _ in range(8)]
+    after = list(before)  # unchanged data: identical descriptors
+    after[2] = desc()  # a fresh sample of the same distribution: noise only
+    after[5] = desc(shift=1.0)  # another distribution
+    nz = BlockNormaliser.fit(before)
+    flags = changed_nodes(before, after, nz, inflation=1.0)
+    assert flags.tolist() == [i == 5 for i in range(8)]
