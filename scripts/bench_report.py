@@ -656,7 +656,8 @@ def scale_section(done: dict[str, dict]) -> list[str]:
         "## FLUX protocol with more clients (the FLUX paper's scaling study)",
         "",
         "Command: `python scripts/benchmark.py flux-fmnist-scale --clients 25,50,100` (the FLUX "
-        "protocol's settings; the data split among more clients; IFCA / FeSEM told K). "
+        "protocol's settings, the data split among more clients, local epochs scaled by "
+        "clients / 10 so a round has the protocol's SGD steps; IFCA / FeSEM told K). "
         f"Machine: {_machines(rows)}. Cells: accuracy (%) of each client with its method's model "
         "(known association); FLUX also *test phase* (routed label-free, and with 5 labels a "
         "class) and *held-out*; *wall* = the method's wall time / FedAvg's on the same setting "

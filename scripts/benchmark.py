@@ -104,7 +104,8 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         },
     },
     # The FLUX paper's scaling study: the FLUX protocol with 25 / 50 / 100 training clients (the
-    # `clients` axis; + the protocol's 2 held-out clients), level 4, every method (issue #14).
+    # `clients` axis; + the protocol's 2 held-out clients), level 4, every method (issue #14);
+    # local epochs scale with the clients so that a round's SGD steps stay the protocol's.
     "flux-fmnist-scale": {
         "title": "FLUX protocol with more clients (the FLUX paper's scaling study)",
         "nodes": 12,  # replaced per cell by clients + holdout-clients
@@ -234,7 +235,11 @@ def run_config(protocol: str, cell: dict[str, Any], rounds: int | None) -> dict[
         if axis == "setting":
             cfg.update(spec["settings"][value])
         elif axis == "clients":
-            continue  # the number of nodes (nodes_of), not a run-config key
+            # the same local SGD steps per round as the 10-client protocol: a client holds
+            # 10 / clients of the data, so it trains clients / 10 times the epochs (at 100
+            # clients and 2 epochs a client took ~15 steps a round and stayed near chance)
+            base = spec["nodes"] - cfg.get("holdout-clients", 0)
+            cfg["local-epochs"] = max(1, round(cfg["local-epochs"] * value / base))
         elif axis == "strategy":
             cfg.update(VARIANTS.get(value, {"strategy": value}))
         else:
