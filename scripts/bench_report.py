@@ -719,7 +719,7 @@ def write_report(protocols: dict, paper: dict, done: dict[str, dict[str, dict]])
     lines += method_times_section()
     lines += notes("flux-fmnist")
     lines += scale_section(done.get("flux-fmnist-scale", {}))
-    lines += notes("flux-fmnist-scale")
+    lines += notes("flux-fmnist-scale")  # what was measured before the study's own table
     lines += drift_section()
     lines += notes("drift-study")
     lines += feddag_section(
