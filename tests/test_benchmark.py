@@ -223,3 +223,17 @@ def test_wall_ratio_times_every_method_against_the_last(tmp_path, monkeypatch):
         assert ratios["fedavg"] == 1.0
         assert ratios["oracle"] == pytest.approx(secs["oracle"][0] / secs["fedavg"][0])
     assert got["wall_ratio"] == got["wall_ratio_to_reference"]["local"]
+
+
+def test_scale_protocol_sets_nodes_and_keeps_a_clients_sgd_steps():
+    bench = _load("benchmark")
+    base = bench.PROTOCOLS["flux-fmnist"]["config"]
+    for clients, epochs in ((25, 5), (50, 10), (100, 20)):
+        cell = {"clients": clients, "shift": "px", "level": 4, "seed": 0, "strategy": "fedavg"}
+        cfg = bench.run_config("flux-fmnist-scale", cell, None)
+        assert bench.nodes_of("flux-fmnist-scale", cell) == clients + base["holdout-clients"]
+        assert cfg["local-epochs"] == epochs == base["local-epochs"] * clients // 10
+        assert "clients" not in cfg  # an axis, not a run-config key
+    plain = {"shift": "px", "level": 4, "seed": 0, "strategy": "fedavg"}
+    assert bench.nodes_of("flux-fmnist", plain) == 12
+    assert bench.run_config("flux-fmnist", plain, None)["local-epochs"] == base["local-epochs"]
