@@ -295,8 +295,9 @@ def route_with_labels(
     k, c = nz.dim, nz.num_classes
     z = clustering.num_clusters
     scatter = clustering.routing_scatter
-    if scatter is None:  # a clustering made without it (a custom rule): pool over its centroids
-        scatter = np.ones(2)
+    if scatter is None:  # a clustering saved before it existed: the normaliser scales a
+        # block's typical client-to-median distance to ~1, i.e. ~1/K per coordinate
+        scatter = np.full(2, 1.0 / k)
     e = label_free_embed(label_free, nz)
     lf = clustering.label_free_centroids
     d_mu = np.sum((e[:, None, :k] - lf[None, :, :k]) ** 2, axis=2) / scatter[0]
