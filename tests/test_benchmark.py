@@ -121,6 +121,7 @@ def test_report_from_rows(tmp_path, monkeypatch):
             "run_config": cfg,
             "final": final,
             "machine": "test",
+            "finished_at": "2026-12-07T08:00:00Z",
         }
 
     runs = [row("flux", 0.9, 11.0), row("fedavg", 0.7, 10.0), row("ifca", 0.8, 12.0)]
@@ -146,7 +147,17 @@ def test_report_from_rows(tmp_path, monkeypatch):
     assert "| px | 1 | 90.0 | 89.0 | 88.0 | 70.0 |" in text
     assert "| ifca | 30 | 20 | 3.00 | 2.50 |" in text
     assert (tmp_path / "method-times.png").exists()
-    assert "median 1.10x" in text
+    assert "median 1.10x" in text and "over 1 pairs" in text
+    # a FLUX row rerun in another sitting is not paired with FedAvg's for the wall ratio
+    later = dict(runs[0], finished_at="2026-12-08T08:00:00Z")
+    report.write_report(
+        bench.PROTOCOLS,
+        bench.PAPER,
+        {**done, "flux-fmnist": {**done["flux-fmnist"], later["key"]: later}},
+    )
+    assert "median 1.10x" not in (tmp_path / "B.md").read_text()
+    report.write_report(bench.PROTOCOLS, bench.PAPER, done)
+    text = (tmp_path / "B.md").read_text()
     # the every-method table: only the methods that ran, seed-matched to the peer's seed
     assert (
         "| shift | level | FLUX test phase | FLUX known | FedAvg | PACFL | IFCA | seeds |" in text
