@@ -24,6 +24,7 @@ skips what is there); ``--report`` prints the table for docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import multiprocessing as mp
@@ -43,6 +44,7 @@ METHODS = {
 }
 
 
+@functools.lru_cache(maxsize=1)
 def _protocol() -> Any:
     spec = importlib.util.spec_from_file_location(
         "bench", os.path.join(ROOT, "scripts", "benchmark.py")

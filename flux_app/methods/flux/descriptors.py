@@ -42,6 +42,7 @@ __all__ = [
     "DescriptorError",
     "FluxDescriptor",
     "MomentAccumulator",
+    "accumulate_moments",
     "compute_flux_descriptor",
     "descriptor_keys",
     "moment_sensitivity",
@@ -499,6 +500,20 @@ def compute_flux_descriptor(
     -------
     FluxDescriptor
     """
+    acc = accumulate_moments(features, batches, projection, num_classes, label_free, clip_norm)
+    return acc.finalize(label_free=label_free)
+
+
+def accumulate_moments(
+    features: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    projection: torch.Tensor,
+    num_classes: int,
+    label_free: bool = False,
+    clip_norm: float = 0.0,
+) -> MomentAccumulator:
+    """The pass of :func:`compute_flux_descriptor` (features -> clip -> project -> moments),
+    returning the accumulator itself (the few-shot class sample reads it unfinalised)."""
     if clip_norm < 0:
         raise ValueError("clip_norm must be >= 0")
     proj = torch.as_tensor(projection)
@@ -520,7 +535,7 @@ def compute_flux_descriptor(
                 proj_cache[key] = proj.to(device=f.device, dtype=f.dtype)
             z = f @ proj_cache[key].T
             acc.update(z, None if label_free else y)
-    return acc.finalize(label_free=label_free)
+    return acc
 
 
 # --------------------------------------------------------------------------------------------

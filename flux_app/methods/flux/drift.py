@@ -25,6 +25,7 @@ import numpy as np
 from flux_app.common.params import clone_state
 from flux_app.methods.flux.clustering import GUARD_ALPHA, GUARD_RATIO, embed, pair_ratios
 from flux_app.methods.flux.descriptors import FluxDescriptor
+from flux_app.methods.flux.fitting import fit_nodes
 
 if TYPE_CHECKING:
     from flux_app.methods.flux.strategy import Flux
@@ -84,12 +85,7 @@ def recluster(s: Flux, server_round: int, descs: dict[int, FluxDescriptor]) -> N
     ids = s.ordered(descs)
     old_result, old_models, old_assignment = s.result, s.models, dict(s.assignment)
     old_refs = {n: s.reference[n] for n in ids if n in s.reference}
-    s.noise_checks = None
-    if s.cfg.val_fraction > 0:
-        got = s.collect_descriptors(ids, server_round, label_free=False, split="val", exclude=False)
-        s.noise_checks = [got.get(n) for n in ids]
-    result = s.fit_clusters([descs[n] for n in ids])
-    s.noise_checks = None
+    result = fit_nodes(s, ids, descs, server_round)
     # the old clusters' centroids, from their members' earlier descriptors, in the new space
     members = [n for n in ids if n in old_refs and n in old_assignment]
     old_x = embed([old_refs[n] for n in members], result.normaliser, result.missing_penalty)

@@ -49,6 +49,7 @@ from flux_app.methods.flux.descriptors import (
     FluxDescriptor,
     MomentAccumulator,
     _as_array,
+    accumulate_moments,
 )
 
 #: largest labelled samples per class a routed client may use
@@ -181,16 +182,8 @@ def compute_class_sample(
     The same feature map, clip and projection as
     :func:`~flux_app.methods.flux.descriptors.compute_flux_descriptor`.
     """
-    proj = torch.as_tensor(projection)
-    acc = MomentAccumulator(num_classes, proj.shape[0])
-    with torch.no_grad():
-        for s in range(0, len(x), batch_size):
-            f = features(x[s : s + batch_size])
-            f = f.reshape(f.shape[0], -1).float()
-            if clip_norm > 0:
-                norms = f.norm(dim=1, keepdim=True)
-                f = f * torch.clamp(clip_norm / norms.clamp(min=1e-12), max=1.0)
-            acc.update(f @ proj.to(f.device, f.dtype).T, y[s : s + batch_size])
+    parts = ((x[s : s + batch_size], y[s : s + batch_size]) for s in range(0, len(x), batch_size))
+    acc = accumulate_moments(features, parts, projection, num_classes, clip_norm=clip_norm)
     counts = acc.class_count.round().to(torch.int64).numpy()
     sigma = MomentAccumulator._std(acc.class_count, acc.class_m2).numpy()
     return ClassSample(acc.class_mean.numpy(), sigma, counts)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 logger = logging.getLogger("flwr")
@@ -120,6 +120,14 @@ def laplace_epsilon(noise_multiplier: float, num_vectors: int) -> float:
     if noise_multiplier <= 0:
         raise ValueError("noise_multiplier must be > 0")
     return max(int(num_vectors), 0) / float(noise_multiplier)
+
+
+def count_releases(releases: dict[str, dict[str, int]], names: Iterable[str], *kinds: str) -> None:
+    """Add one release of each of ``kinds`` for every client of ``names`` (in place)."""
+    for name in names:
+        counts = releases.setdefault(name, {})
+        for kind in kinds:
+            counts[kind] = counts.get(kind, 0) + 1
 
 
 def worst_client(
@@ -224,6 +232,7 @@ __all__ = [
     "PROTECTS",
     "VECTORS_PER_SAMPLE",
     "accountant_version",
+    "count_releases",
     "gaussian_epsilon",
     "laplace_epsilon",
     "privacy_report",

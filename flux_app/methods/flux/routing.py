@@ -19,6 +19,7 @@ from flux_app.engine.metrics import mean
 from flux_app.methods.flux.clustering import route_many
 from flux_app.methods.flux.descriptors import FluxDescriptor
 from flux_app.methods.flux.fewshot import ClassSample, route_with_labels
+from flux_app.methods.flux.privacy import count_releases
 
 if TYPE_CHECKING:
     from flux_app.methods.flux.strategy import Flux
@@ -33,10 +34,8 @@ def collect_routing(
 ) -> dict[int, tuple[FluxDescriptor, ClassSample | None]]:
     """Routing descriptors with ``labels`` labelled samples per class: each valid reply's
     label-free descriptor and its few-shot class moments (None when the node had none)."""
-    for n in node_ids:
-        counts = strategy.descriptor_releases.setdefault(strategy.nodes[n].name, {})
-        counts["label_free"] = counts.get("label_free", 0) + 1
-        counts["few_labels"] = counts.get("few_labels", 0) + 1
+    names = [strategy.nodes[n].name for n in node_ids]
+    count_releases(strategy.descriptor_releases, names, "label_free", "few_labels")
     contents = {
         n: strategy.descriptor_content(server_round, label_free=True, split="test", labels=labels)
         for n in node_ids

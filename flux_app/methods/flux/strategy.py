@@ -47,7 +47,8 @@ from flux_app.methods.flux.clustering import FluxClustering, cluster_descriptors
 from flux_app.methods.flux.config import FluxConfig
 from flux_app.methods.flux.descriptors import FluxDescriptor
 from flux_app.methods.flux.drift import check_drift
-from flux_app.methods.flux.privacy import privacy_report
+from flux_app.methods.flux.fitting import fit_nodes
+from flux_app.methods.flux.privacy import count_releases, privacy_report
 from flux_app.methods.flux.router import save_router_of
 from flux_app.methods.flux.routing import route_nodes, routed_metrics
 
@@ -177,10 +178,8 @@ class Flux(ClusteredStrategy):
 
         Every request counts as a release of the node's data (an upper bound: a reply that was
         lost or rejected may still have reached the server)."""
-        kind = "label_free" if label_free else "full"
-        for n in node_ids:
-            counts = self.descriptor_releases.setdefault(self.nodes[n].name, {})
-            counts[kind] = counts.get(kind, 0) + 1
+        names = [self.nodes[n].name for n in node_ids]
+        count_releases(self.descriptor_releases, names, "label_free" if label_free else "full")
         contents = {
             n: self.descriptor_content(server_round, label_free=label_free, split=split)
             for n in node_ids
@@ -216,14 +215,7 @@ class Flux(ClusteredStrategy):
             logger.warning("no valid descriptor: staying with one global model")
             return
         ids = self.ordered(descs)
-        self.noise_checks = None
-        if self.cfg.val_fraction > 0:  # the noise check: the same descriptor on the val split
-            got = self.collect_descriptors(
-                ids, server_round, label_free=False, split="val", exclude=False
-            )
-            self.noise_checks = [got.get(n) for n in ids]
-        self.result = self.fit_clusters([descs[n] for n in ids])
-        self.noise_checks = None  # only the clustering round's fit uses them
+        self.result = fit_nodes(self, ids, descs, server_round)
         self.reference = {n: descs[n] for n in ids}
         self.cluster_round = server_round
         global_model = self.models[0]
