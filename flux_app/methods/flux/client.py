@@ -85,8 +85,8 @@ def handle_descriptor(content: RecordDict, rt: ClientRuntime) -> RecordDict:
             rng = np.random.default_rng()
         desc = privatize(desc, clip, noise, str(config.get("dp-mechanism", "gaussian")), rng)
     reply = {"descriptor": arrays_to_record(desc.to_arrays())}
-    k = int(config.get("routing-labels", 0))
-    if k > 0:
+    labels = int(config.get("routing-labels", 0))
+    if labels > 0:
         if not (label_free and split == "test"):
             raise ValueError("routing-labels applies to a label-free test-split descriptor only")
         if noise > 0:
@@ -94,7 +94,7 @@ def handle_descriptor(content: RecordDict, rt: ClientRuntime) -> RecordDict:
                 "routing-labels with descriptor noise: few-shot moments are not noised"
             )
         if len(d.y_test):  # a site with only unlabeled inputs has no labelled sample to give
-            idx = select_labelled(d.y_test, k, rt.seed_for("routing-labels"))
+            idx = select_labelled(d.y_test, labels, rt.seed_for("routing-labels"))
             sample = compute_class_sample(
                 lambda xb: features(xb.to(device)),
                 d.x_test[idx],
