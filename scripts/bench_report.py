@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 from collections import defaultdict
 from typing import Any
@@ -438,6 +439,86 @@ def feddag_section(spec: dict, paper: dict, done: dict[str, dict]) -> list[str]:
     return out
 
 
+LONG_RUNS = os.path.join(PLOTS, "long-runs")
+
+
+def long_runs_section(protocol: str, paper: dict) -> list[str]:
+    """Runs of ``protocol`` at another round budget (``--rounds R``: ``<protocol>-r<R>.jsonl``)
+    and, from their run folders (``--runs-dir docs/benchmarks/long-runs``), those still going:
+    accuracy along the rounds, so a run that spans sittings shows where it stands."""
+    runs: dict[str, dict[str, Any]] = {}
+    for name in sorted(os.listdir(PLOTS)):
+        m = re.fullmatch(re.escape(protocol) + r"-r(\d+)\.jsonl", name)
+        if m:
+            with open(os.path.join(PLOTS, name)) as fh:
+                for line in filter(str.strip, fh):
+                    row = json.loads(line)
+                    runs[os.path.basename(row["run_dir"])] = {
+                        "cell": row["cell"],
+                        "rounds": row["run_config"]["num-server-rounds"],
+                        "curve": row["accuracy_by_round"],
+                        "final": row["final"],
+                        "seconds": row.get("rounds_seconds"),
+                        "machine": row.get("machine", "?"),
+                    }
+    if os.path.isdir(LONG_RUNS):
+        for name in sorted(os.listdir(LONG_RUNS)):
+            path = os.path.join(LONG_RUNS, name, "results.json")
+            if (
+                name in runs
+                or not name.startswith(f"bench-{protocol}-")
+                or not os.path.isfile(path)
+            ):
+                continue
+            with open(path) as fh:
+                res = json.load(fh)
+            cfg = res["run_config"]
+            cell_path = os.path.join(LONG_RUNS, name, "bench_cell.json")
+            cell = {"setting": name, "strategy": cfg["strategy"]}
+            if os.path.isfile(cell_path):  # written by the harness when the run starts
+                with open(cell_path) as fh:
+                    cell = json.load(fh)
+            runs[name] = {
+                "cell": cell,
+                "rounds": cfg["num-server-rounds"],
+                "curve": [r.get("accuracy") for r in res["rounds"]],
+                "final": None,
+                "seconds": sum(r.get("seconds") or 0.0 for r in res["rounds"]),
+                "machine": "see the run's sittings",
+            }
+    if not runs:
+        return []
+    out = [
+        f"### {protocol} at a longer round budget",
+        "",
+        f"Command: `python scripts/benchmark.py {protocol} --rounds R --runs-dir "
+        "docs/benchmarks/long-runs` with the grid filters of the row (a run interrupted by the "
+        "end of a sitting resumes after its last checkpoint when the command runs again, with "
+        "the same numbers as an uninterrupted run). *Time* = the rounds' own wall time over "
+        "every sitting (start-ups apart). Accuracy in % at the evaluated rounds.",
+        "",
+        "| run | method | rounds done | accuracy along the rounds | final | best over rounds | paper | clusters | ARI | time (h) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, run in runs.items():
+        curve = [(i + 1, a) for i, a in enumerate(run["curve"]) if a is not None]
+        step = max(1, len(curve) // 8)
+        shown = curve[step - 1 :: step] if len(curve) > 8 else curve
+        along = ", ".join(f"r{r}: {100 * a:.1f}" for r, a in shown)
+        fin = run["final"] or {}
+        setting = run["cell"].get("setting", name)
+        out.append(
+            f"| {setting} | {run['cell']['strategy']} | {len(run['curve'])} / {run['rounds']} | "
+            f"{along or '–'} | "
+            + (_fmt(100 * fin["accuracy_known"], 2) if fin else "(running)")
+            + f" | {_fmt(100 * fin['accuracy_best_over_rounds'], 2) if fin.get('accuracy_best_over_rounds') is not None else '–'} | "
+            f"{paper.get(setting, {}).get(run['cell']['strategy'], '–')} | "
+            f"{fin.get('num_clusters', '–')} | {_fmt(fin.get('ari'))} | "
+            f"{_fmt(run['seconds'] / 3600 if run['seconds'] else None)} |"
+        )
+    return out + [""]
+
+
 def _level_mean(by: dict, shifts: list[str], level: int, strategy: str, key: str) -> str:
     """Mean over shifts of the per-shift mean over seeds, in percent."""
     vals = [_mean([r["final"][key] for r in by[(s, level)].get(strategy, [])]) for s in shifts]
@@ -657,7 +738,9 @@ def scale_section(done: dict[str, dict]) -> list[str]:
         "",
         "Command: `python scripts/benchmark.py flux-fmnist-scale --clients 25,50,100` (the FLUX "
         "protocol's settings, the data split among more clients, local epochs scaled by "
-        "clients / 10 so a round has the protocol's SGD steps; IFCA / FeSEM told K). "
+        "clients / 10 and 10 clients sampled a round (fraction-train 10 / clients), so a "
+        "round has the 10-client protocol's SGD steps and work; every client is described "
+        "in FLUX's clustering round and evaluated in the last; IFCA / FeSEM told K). "
         f"Machine: {_machines(rows)}. Cells: accuracy (%) of each client with its method's model "
         "(known association); FLUX also *test phase* (routed label-free, and with 5 labels a "
         "class) and *held-out*; *wall* = the method's wall time / FedAvg's on the same setting "
@@ -725,6 +808,7 @@ def write_report(protocols: dict, paper: dict, done: dict[str, dict[str, dict]])
     lines += feddag_section(
         protocols["feddag-fmnist"], paper["feddag-fmnist"], done.get("feddag-fmnist", {})
     )
+    lines += long_runs_section("feddag-fmnist", paper["feddag-fmnist"])
     lines += notes("feddag-fmnist")
     lines += overhead_section()
     lines += notes("performance")  # issue #15's measurements, written by hand from their scripts

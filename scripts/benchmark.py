@@ -16,6 +16,10 @@ Examples
     python scripts/benchmark.py --report                                     # docs only
     python scripts/benchmark.py flux-fmnist --workers 2                      # 2 processes
 
+A run interrupted part-way (killed, or the sitting ended) resumes after its last checkpointed
+round when the same command runs again on the same run folders (``--runs-dir``); ``--rounds R``
+other than the protocol's own writes ``<protocol>-r<R>.jsonl``, a separate experiment.
+
 ``--workers N`` runs the grid in N processes of one torch thread each; the settings with work
 left (a setting = all methods of one shift/level/seed, run back to back so that wall-time ratios
 compare runs made under the same load) are dealt to them round-robin in grid order. On a 2-core machine two single-thread
@@ -105,7 +109,8 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     },
     # The FLUX paper's scaling study: the FLUX protocol with 25 / 50 / 100 training clients (the
     # `clients` axis; + the protocol's 2 held-out clients), level 4, every method (issue #14);
-    # local epochs scale with the clients so that a round's SGD steps stay the protocol's.
+    # local epochs scale with the clients and 10 clients train a round, so that a round's SGD
+    # steps and work stay the protocol's.
     "flux-fmnist-scale": {
         "title": "FLUX protocol with more clients (the FLUX paper's scaling study)",
         "nodes": 12,  # replaced per cell by clients + holdout-clients
@@ -199,9 +204,17 @@ PAPER = {
 TOLD_K = ("ifca", "fesem", "kmeans-flux")
 
 
-def results_file(protocol: str) -> str:
-    """The protocol's JSON-lines results file."""
-    return os.path.join(RESULTS_DIR, f"{protocol}.jsonl")
+def budget_suffix(protocol: str, rounds: int | None) -> str:
+    """``""`` at the protocol's own round budget, ``"-r<R>"`` for another one: a run of another
+    length is another experiment, with its own results file and run folders."""
+    if not rounds or rounds == PROTOCOLS[protocol]["config"]["num-server-rounds"]:
+        return ""
+    return f"-r{rounds}"
+
+
+def results_file(protocol: str, rounds: int | None = None) -> str:
+    """The protocol's JSON-lines results file (at ``rounds`` rounds, when not its own)."""
+    return os.path.join(RESULTS_DIR, f"{protocol}{budget_suffix(protocol, rounds)}.jsonl")
 
 
 def run_key(cell: dict[str, Any]) -> str:
@@ -227,19 +240,24 @@ def cells(protocol: str, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         yield dict(zip(order, values, strict=True))
 
 
-def run_config(protocol: str, cell: dict[str, Any], rounds: int | None) -> dict[str, Any]:
-    """Full run-config of one cell."""
+def run_config(
+    protocol: str, cell: dict[str, Any], rounds: int | None, runs_dir: str | None = None
+) -> dict[str, Any]:
+    """Full run-config of one cell; its run folder goes under ``runs_dir`` (default
+    outputs/benchmarks)."""
     spec = PROTOCOLS[protocol]
     cfg = dict(spec["config"])
     for axis, value in cell.items():
         if axis == "setting":
             cfg.update(spec["settings"][value])
         elif axis == "clients":
-            # the same local SGD steps per round as the 10-client protocol: a client holds
-            # 10 / clients of the data, so it trains clients / 10 times the epochs (at 100
-            # clients and 2 epochs a client took ~15 steps a round and stayed near chance)
+            # The 10-client protocol's work per round at any size: a client holds 10 / clients
+            # of the data, so it trains clients / 10 times the epochs (the protocol's SGD steps;
+            # at 2 epochs a 100-client run stayed near chance), and 10 clients are sampled a
+            # round (all of them would be clients / 10 times the work: ~1 h a run here).
             base = spec["nodes"] - cfg.get("holdout-clients", 0)
             cfg["local-epochs"] = max(1, round(cfg["local-epochs"] * value / base))
+            cfg["fraction-train"] = min(1.0, base / value)
         elif axis == "strategy":
             cfg.update(VARIANTS.get(value, {"strategy": value}))
         else:
@@ -249,9 +267,30 @@ def run_config(protocol: str, cell: dict[str, Any], rounds: int | None) -> dict[
     if rounds:
         cfg["num-server-rounds"] = rounds
     name = "-".join(str(v) for v in cell.values()).replace("*", "star")
-    cfg["run-name"] = f"bench-{protocol}-{name}"
-    cfg["output-dir"] = os.path.join(ROOT, "outputs", "benchmarks")
+    cfg["run-name"] = f"bench-{protocol}-{name}{budget_suffix(protocol, rounds)}"
+    cfg["output-dir"] = os.path.abspath(runs_dir or os.path.join(ROOT, "outputs", "benchmarks"))
     return cfg
+
+
+def resume_point(cfg: dict[str, Any]) -> int:
+    """The last checkpointed round of this run's folder, left by an interrupted sitting (0: start
+    afresh). A checkpoint that this run-config cannot continue (another strategy or setting, or
+    a finished run whose results line was lost) is not resumed: the run starts over."""
+    from flux_app.common.statecodec import StateError
+    from flux_app.engine import checkpoint
+    from flux_app.engine.config import ConfigError, RunConfig
+
+    folder = os.path.join(cfg["output-dir"], cfg["run-name"])
+    if not os.path.isfile(os.path.join(folder, checkpoint.FILE)):
+        return 0
+    try:
+        saved = checkpoint.read(folder)
+        checkpoint.check_compatible(saved, RunConfig.from_mapping(cfg), cfg["strategy"])
+    except (ConfigError, StateError) as err:
+        print(f"[bench]    not resuming {folder}: {err}", flush=True)
+        return 0
+    done = int(saved["round"])
+    return done if done < cfg["num-server-rounds"] else 0
 
 
 def planted_groups(cfg: dict[str, Any], nodes: int) -> int:
@@ -266,9 +305,9 @@ def planted_groups(cfg: dict[str, Any], nodes: int) -> int:
     return len(set(groups.tolist()))
 
 
-def load_done(protocol: str) -> dict[str, dict[str, Any]]:
-    """Finished runs of a protocol by run key."""
-    path = results_file(protocol)
+def load_done(protocol: str, rounds: int | None = None) -> dict[str, dict[str, Any]]:
+    """Finished runs of a protocol (at ``rounds`` rounds, when not its own) by run key."""
+    path = results_file(protocol, rounds)
     done: dict[str, dict[str, Any]] = {}
     if os.path.exists(path):
         with open(path) as fh:
@@ -284,7 +323,7 @@ def run_grid(protocol: str, args: argparse.Namespace) -> int:
     from flux_app.engine.inprocess import run_inprocess
 
     logging.getLogger("flwr").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    done = load_done(protocol)
+    done = load_done(protocol, args.rounds)
     grid = list(cells(protocol, args))
     todo = [c for c in grid if run_key(c) not in done]
     if args.shard:  # settings with work left, dealt round-robin in grid order
@@ -303,11 +342,19 @@ def run_grid(protocol: str, args: argparse.Namespace) -> int:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     failures = 0
     for i, cell in enumerate(todo, 1):
-        cfg = run_config(protocol, cell, args.rounds)
+        cfg = run_config(protocol, cell, args.rounds, args.runs_dir)
         if args.device:
             cfg["device"] = args.device
         t0 = time.time()
         print(f"{tag} ({i}/{len(todo)}) {run_key(cell)}", flush=True)
+        folder = os.path.join(cfg["output-dir"], cfg["run-name"])
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "bench_cell.json"), "w") as fh:  # the report's label
+            json.dump(cell, fh)
+        resumed = resume_point(cfg)
+        if resumed:  # an earlier sitting was interrupted: go on after its last checkpoint
+            cfg["resume-from"] = cfg["run-name"]
+            print(f"{tag}    resuming after round {resumed}", flush=True)
         try:
             results, run_dir = run_inprocess(cfg, nodes_of(protocol, cell))
         except Exception:  # one failing cell must not stop a long grid
@@ -325,12 +372,15 @@ def run_grid(protocol: str, args: argparse.Namespace) -> int:
             },
             "accuracy_by_round": [r.get("accuracy") for r in results["rounds"]],
             "seconds": round(time.time() - t0, 2),
+            # over every sitting of a resumed run: the rounds' own times (start-ups apart)
+            "rounds_seconds": round(sum(r.get("seconds") or 0.0 for r in results["rounds"]), 2),
+            "resumed_after_round": resumed,
             "machine": machine(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "run_dir": os.path.relpath(run_dir, ROOT),
         }
         # one write of one line: workers appending to the same file never interleave lines
-        with open(results_file(protocol), "a") as fh:
+        with open(results_file(protocol, args.rounds), "a") as fh:
             fh.write(json.dumps(row) + "\n")
         show = {
             k: final.get(k)
@@ -404,6 +454,11 @@ def main() -> int:
     parser.add_argument("--clientss", "--clients", dest="clientss", help="comma list (scale)")
     parser.add_argument("--rounds", type=int, help="override num-server-rounds")
     parser.add_argument("--device", help="auto | cpu | cuda")
+    parser.add_argument(
+        "--runs-dir",
+        help="where run folders (results.json, checkpoint.pt) go; default outputs/benchmarks. A "
+        "run interrupted there resumes after its last checkpoint when the command is rerun",
+    )
     parser.add_argument("--max-runs", type=int, default=0, help="stop after this many runs")
     parser.add_argument("--list", action="store_true", help="only list the runs still to do")
     parser.add_argument("--quiet", action="store_true", help="no per-round log lines")

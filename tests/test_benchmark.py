@@ -34,6 +34,7 @@ def _args(**kw) -> argparse.Namespace:
         list=False,
         quiet=True,
         shard=None,
+        runs_dir=None,
     )
     return argparse.Namespace(**(base | kw))
 
@@ -244,7 +245,58 @@ def test_scale_protocol_sets_nodes_and_keeps_a_clients_sgd_steps():
         cfg = bench.run_config("flux-fmnist-scale", cell, None)
         assert bench.nodes_of("flux-fmnist-scale", cell) == clients + base["holdout-clients"]
         assert cfg["local-epochs"] == epochs == base["local-epochs"] * clients // 10
+        # 10 clients train a round: the 10-client protocol's work per round at every size
+        assert round(cfg["fraction-train"] * clients) == 10
         assert "clients" not in cfg  # an axis, not a run-config key
     plain = {"shift": "px", "level": 4, "seed": 0, "strategy": "fedavg"}
     assert bench.nodes_of("flux-fmnist", plain) == 12
     assert bench.run_config("flux-fmnist", plain, None)["local-epochs"] == base["local-epochs"]
+    assert "fraction-train" not in bench.run_config("flux-fmnist", plain, None)
+
+
+def test_an_interrupted_long_run_resumes_with_the_same_numbers(tmp_path, monkeypatch):
+    """``--rounds R`` other than the protocol's goes to its own results file; a run killed
+    part-way resumes after its checkpoint and ends with the uninterrupted run's numbers; a
+    checkpoint of another run-config is not resumed."""
+    from client_app import app as client_app
+    from flux_app import testing
+    from flux_app.engine.config import RunConfig
+    from flux_app.engine.server import run_server
+
+    bench = _load("benchmark")
+    monkeypatch.setattr(bench, "RESULTS_DIR", str(tmp_path))
+    testing.set_task_identity()
+    bench.PROTOCOLS["tiny"] = {
+        "title": "tiny",
+        "nodes": 3,
+        "config": {"dataset": "synthetic", "num-server-rounds": 1, "local-epochs": 1, "lr": 0.05},
+        "grid": {"strategy": ["fedavg"], "shift": ["label-skew"], "seed": [0]},
+    }
+    cell = {"shift": "label-skew", "seed": 0, "strategy": "fedavg"}
+    try:
+        assert bench.results_file("tiny", 4).endswith("tiny-r4.jsonl")
+        assert bench.results_file("tiny", 1) == bench.results_file("tiny")  # its own budget
+        # The uninterrupted run, in one folder ...
+        assert bench.run_grid("tiny", _args(rounds=4, runs_dir=str(tmp_path / "a"))) == 0
+        with open(bench.results_file("tiny", 4)) as fh:
+            whole = json.loads(fh.read())
+        assert whole["resumed_after_round"] == 0 and len(whole["accuracy_by_round"]) == 4
+        os.remove(bench.results_file("tiny", 4))
+        # ... and one killed after round 2 (its checkpoint is what the killed sitting leaves)
+        cfg = bench.run_config("tiny", cell, 4, str(tmp_path / "b"))
+        killed = testing._KillingGrid(client_app, cfg, 3)
+        killed.kill_round = 3
+        with pytest.raises(testing.ServerKilled):
+            run_server(killed, RunConfig.from_mapping(cfg))
+        assert bench.resume_point(cfg) == 2
+        other = dict(cfg, lr=0.5)  # another experiment in the same folder: start over
+        assert bench.resume_point(other) == 0
+        assert bench.run_grid("tiny", _args(rounds=4, runs_dir=str(tmp_path / "b"))) == 0
+        with open(bench.results_file("tiny", 4)) as fh:
+            resumed = json.loads(fh.read())
+        assert resumed["resumed_after_round"] == 2
+        assert resumed["accuracy_by_round"] == whole["accuracy_by_round"]
+        assert resumed["final"]["accuracy_by_client"] == whole["final"]["accuracy_by_client"]
+        assert bench.resume_point(cfg) == 0  # finished: nothing to resume
+    finally:
+        del bench.PROTOCOLS["tiny"]
