@@ -157,6 +157,9 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
             "dist1-a1": {"shift": "label-skew", "rho": 0.2, "alpha": 1.0, "num-clusters": 5},
             "dist1-a0.25": {"shift": "label-skew", "rho": 0.2, "alpha": 0.25, "num-clusters": 5},
             "dist2": {"shift": "concept", "num-clusters": 3},
+            # Dist III (Dirichlet label skew, no planted groups): not in the default grid; the
+            # dual-encoder ablation's setting where clusters share features (issue #15)
+            "dist3-a0.25": {"shift": "dirichlet", "alpha": 0.25},
         },
     },
 }
