@@ -23,6 +23,8 @@ import sys
 import time
 from types import ModuleType
 
+from flux_app.deploy.object_pulls import shorten_first_retry
+
 DEFAULT_POLL_INTERVAL = 0.3
 #: the pauses of Flower 1.42's SuperNode loop (idle pull, reply wait, object wait); checked
 #: against its source by the tests, so that a Flower upgrade that changes them is noticed
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     cap_pauses(start_client_internal, interval)
+    shorten_first_retry()  # the node's pulls of a message's objects (object_pulls.py)
     sys.argv = ["flower-supernode", *rest]
     flower_supernode()
 

@@ -44,6 +44,8 @@ import sys
 import time
 from typing import Any
 
+from flux_app.deploy.object_pulls import shorten_first_retry
+
 logger = logging.getLogger(__name__)
 
 #: what the zygote imports before it forks: the ClientApp's third-party cost (measured in
@@ -207,6 +209,8 @@ def zygote_main(preload: list[str], ack_fd: int) -> int:
             print(f"[warm-exec] zygote: cannot preload {name}: {err}", file=sys.stderr)
     if "torch" in sys.modules:
         print(f"[warm-exec] zygote: torch warmed up in {_warm_torch():.2f} s", file=sys.stderr)
+    # a forked task pulls its message's objects while its node may still be fetching them
+    shorten_first_retry()
     os.write(ack_fd, b"ready\n")
     fd = sys.stdin.fileno()
     buffered = b""
