@@ -723,6 +723,16 @@ def drift_section() -> list[str]:
 SCALE_METHODS = ("flux", "fedavg", "local", "pacfl", "ifca", "fesem", "cfl", "oracle")
 
 
+def _wall(row: dict | None) -> float | None:
+    """A run's wall time; for a run resumed in another sitting, its rounds' own time (the
+    last sitting's wall time would leave the earlier rounds out)."""
+    if not row:
+        return None
+    if row.get("resumed_after_round"):
+        return row.get("rounds_seconds")
+    return row["final"].get("wall_seconds")
+
+
 def scale_section(done: dict[str, dict]) -> list[str]:
     """The scaling study: accuracy (known; FLUX also test phase and held-out) and wall time per
     method against FedAvg's, by number of training clients and shift."""
@@ -759,16 +769,14 @@ def scale_section(done: dict[str, dict]) -> list[str]:
             _fmt(100 * m[s]["final"]["accuracy_known"], 1) if s in m else "–" for s in SCALE_METHODS
         ]
         fl = m.get("flux", {}).get("final", {})
-        base = m.get("fedavg", {}).get("final", {}).get("wall_seconds")
-        wall = _fmt(fl["wall_seconds"] / base, 2) + "x" if fl.get("wall_seconds") and base else "–"
+        base = _wall(m.get("fedavg"))
+        wall = _fmt(_wall(m["flux"]) / base, 2) + "x" if _wall(m.get("flux")) and base else "–"
         rounds = [m.get(s, {}).get("rounds_seconds") for s in ("flux", "fedavg")]
         if wall != "–" and all(rounds):
             wall += f" ({rounds[0] / rounds[1]:.2f}x)"
         peers = [s for s in ("local", "pacfl", "ifca", "fesem", "cfl") if s in m]
         best = max(peers, key=lambda s: m[s]["final"]["accuracy_known"]) if peers else None
-        best_wall = (
-            f"{best} {m[best]['final']['wall_seconds'] / base:.2f}x" if best and base else "–"
-        )
+        best_wall = f"{best} {_wall(m[best]) / base:.2f}x" if best and base else "–"
 
         def pct(key: str, fl: dict = fl) -> str:
             return _fmt(100 * fl[key], 1) if fl.get(key) is not None else "–"
