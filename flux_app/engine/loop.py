@@ -214,9 +214,6 @@ def finish(s: ClusteredStrategy, wall_seconds: float) -> dict[str, Any]:
         "served_largest": served_largest,
         "holdout_assignment": {s.nodes[n].name: c for n, c in routed.items()},
         "wall_seconds": round(wall_seconds, 3),
-        "bytes_descriptor_up": s.traffic_counter.up(*s.descriptor_types),
-        "bytes_model_up": s.traffic["train"]["up"],
-        "bytes_model_down": s.traffic["train"]["down"],
         "cluster_aggregator": s.aggregation.name,
         "excluded_nodes": {str(k): v for k, v in s.excluded.items()},
         # per partition id: what the unweighted means above are means of
@@ -224,6 +221,10 @@ def finish(s: ClusteredStrategy, wall_seconds: float) -> dict[str, Any]:
         "accuracy_holdout_by_client": by_client(holdout_eval),
     }
     final.update(s.final_metrics())
+    # after final_metrics: the closing test phase's messages count too
+    final["bytes_descriptor_up"] = s.traffic_counter.up(*s.descriptor_types)
+    final["bytes_model_up"] = s.traffic["train"]["up"]
+    final["bytes_model_down"] = s.traffic["train"]["down"]
     run_name = (
         os.path.basename(s.recorder.root) if s.recorder is not None else (s.cfg.run_name or s.name)
     )

@@ -12,6 +12,9 @@ ConfigRecord ``config`` with:
 ``dp-clip``, ``dp-noise``, ``dp-mechanism``, ``dp-seeded-noise``  optional privacy (see
                 :func:`flux_app.methods.flux.descriptors.privatize` for the sensitivity bound)
 ``layer``       ``head-input`` (default) or ``conv`` (:func:`descriptor_features`)
+``with-val``    (only with a full ``train`` descriptor) also send the descriptor of the
+                validation split, ArrayRecord ``descriptor-val`` (omitted when the split is
+                empty): the clustering round's noise check, without a second message
 ``routing-labels``  k > 0 (only with ``label-free`` and ``split=test``): also send the class
                 moments of up to k labelled test samples per class (few-label routing,
                 :mod:`flux_app.methods.flux.fewshot`); never with descriptor noise
@@ -32,6 +35,7 @@ from flux_app.common.training import batches
 from flux_app.engine.client import ClientRuntime, config_of
 from flux_app.engine.registry import register_query
 from flux_app.methods.flux.descriptors import (
+    FluxDescriptor,
     compute_flux_descriptor,
     descriptor_features,
     privatize,
@@ -48,43 +52,53 @@ def handle_descriptor(content: RecordDict, rt: ClientRuntime) -> RecordDict:
     split = str(config.get("split", "train"))
     if split not in ("train", "val", "test"):
         raise ValueError(f"descriptor split must be train, val or test, not {split!r}")
+    with_val = bool(config.get("with-val", False))
+    if with_val and (split != "train" or label_free):
+        raise ValueError("with-val applies to a full train-split descriptor only")
     model = rt.model_from(content)
     device = rt.device
     model.to(device).eval()
     d = rt.data
-    x, y = {
-        "train": (d.x_train, d.y_train),
-        "val": (d.x_val, d.y_val),
-        "test": (d.x_test, d.y_test),
-    }[split]
-    if split == "test" and label_free and not len(x):  # a site with only unlabeled inputs
-        x = rt.unlabeled
-        y = torch.zeros(len(x), dtype=torch.int64)  # unused: the label-free moments only
-    if not len(x):
-        raise ValueError(f"no {split} data for a descriptor")
     # K defaults to the number of classes, capped at the feature width (CIFAR-100 on LeNet-5).
     features, width = descriptor_features(model, str(config.get("layer", "head-input")))
     k = int(config.get("proj-dim", 0)) or min(d.num_classes, width)
     projection = projection_matrix(width, k, int(config.get("proj-seed", 0)))
     clip = float(config.get("dp-clip", 0.0))
-    desc = compute_flux_descriptor(
-        lambda xb: features(xb.to(device)),
-        batches(x, y, 512),
-        projection,
-        d.num_classes,
-        label_free=label_free,
-        clip_norm=clip,
-    )
     noise = float(config.get("dp-noise", 0.0))
-    if noise > 0:
-        if bool(config.get("dp-seeded-noise", False)):  # reproducible simulations only
-            rng = np.random.default_rng(
-                rt.seed_for("dp", int(config.get("server-round", 0)), split)
-            )
-        else:  # fresh OS entropy: nobody who knows the run's seed can subtract the noise
-            rng = np.random.default_rng()
-        desc = privatize(desc, clip, noise, str(config.get("dp-mechanism", "gaussian")), rng)
+
+    def describe(split: str) -> FluxDescriptor:
+        x, y = {
+            "train": (d.x_train, d.y_train),
+            "val": (d.x_val, d.y_val),
+            "test": (d.x_test, d.y_test),
+        }[split]
+        if split == "test" and label_free and not len(x):  # a site with only unlabeled inputs
+            x = rt.unlabeled
+            y = torch.zeros(len(x), dtype=torch.int64)  # unused: the label-free moments only
+        if not len(x):
+            raise ValueError(f"no {split} data for a descriptor")
+        desc = compute_flux_descriptor(
+            lambda xb: features(xb.to(device)),
+            batches(x, y, 512),
+            projection,
+            d.num_classes,
+            label_free=label_free,
+            clip_norm=clip,
+        )
+        if noise > 0:
+            if bool(config.get("dp-seeded-noise", False)):  # reproducible simulations only
+                rng = np.random.default_rng(
+                    rt.seed_for("dp", int(config.get("server-round", 0)), split)
+                )
+            else:  # fresh OS entropy: nobody who knows the run's seed can subtract the noise
+                rng = np.random.default_rng()
+            desc = privatize(desc, clip, noise, str(config.get("dp-mechanism", "gaussian")), rng)
+        return desc
+
+    desc = describe(split)
     reply = {"descriptor": arrays_to_record(desc.to_arrays())}
+    if with_val and len(d.x_val):  # the noise check's pair, in the same message
+        reply["descriptor-val"] = arrays_to_record(describe("val").to_arrays())
     labels = int(config.get("routing-labels", 0))
     if labels > 0:
         if not (label_free and split == "test"):

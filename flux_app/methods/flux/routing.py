@@ -9,6 +9,7 @@ columns.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,6 +28,22 @@ if TYPE_CHECKING:
 logger = logging.getLogger("flwr")
 
 DESCRIPTOR = "query.descriptor"
+
+Routed = tuple[FluxDescriptor, "ClassSample | None"]
+
+
+@dataclass
+class EndRouting:
+    """The routing replies of the closing test phase, asked once for every node it routes.
+
+    After the last round the held-out nodes, the training nodes' test data and each k of
+    ``flux-routing-labels-sweep`` are routed; the label-free descriptor of a node's test data
+    is the same in each of those requests, so one message per node with the first k > 0 needed
+    serves the label-free routes and that k's (a further k asks again)."""
+
+    labels: int
+    asked: set[int] = field(default_factory=set)
+    replies: dict[int, Routed] = field(default_factory=dict)
 
 
 def collect_routing(
@@ -54,14 +71,44 @@ def collect_routing(
     return strategy.collect(DESCRIPTOR, contents, server_round, parse, what="descriptor")
 
 
-def routing_sweep(strategy: Flux, trainers: list[int], end: int) -> dict[str, float | None]:
+def end_replies(
+    strategy: Flux, node_ids: list[int], server_round: int, labels: int
+) -> dict[int, Routed] | None:
+    """The closing test phase's replies for ``node_ids`` (:class:`EndRouting`), asked on the
+    first call for every node the test phase routes; None where they cannot serve this call
+    (another round, a k not asked, a node not asked: the caller asks itself)."""
+    end = strategy.cfg.num_server_rounds + 1
+    if server_round != end or strategy.result.normaliser.label_free:
+        return None
+    if strategy.end_routing is None:
+        wanted = [strategy.cfg.routing_labels, *strategy.opts.sweep()]
+        first = labels or next((k for k in wanted if k > 0), 0)
+        trainers = [n for n in strategy.training_nodes() if n in strategy.last_eval]
+        nodes = strategy.ordered(set(node_ids) | set(trainers) | set(strategy.holdout_nodes()))
+        if first > 0:
+            got = collect_routing(strategy, nodes, server_round, first)
+        else:
+            descs = strategy.collect_descriptors(nodes, server_round, label_free=True, split="test")
+            got = {n: (d, None) for n, d in descs.items()}
+        strategy.end_routing = EndRouting(first, set(nodes), got)
+    cached = strategy.end_routing
+    if labels not in (0, cached.labels) or not set(node_ids) <= cached.asked:
+        return None
+    return {n: cached.replies[n] for n in node_ids if n in cached.replies}
+
+
+def routing_sweep(
+    strategy: Flux, trainers: list[int], end: int, evaluated: dict[tuple[int, int], float]
+) -> dict[str, float | None]:
     """``accuracy_routed_k<k>`` / ``accuracy_holdout_k<k>`` for each k of
     ``flux-routing-labels-sweep``: the training nodes' test data and the held-out nodes
-    routed with k labelled samples per class, each (node, cluster) evaluated once."""
+    routed with k labelled samples per class, each (node, cluster) evaluated once
+    (``evaluated``: (node, cluster) -> accuracy the test phase measured already)."""
     ks = strategy.opts.sweep()
     if not ks:
         return {}
     known = {(n, strategy.assignment.get(n)): strategy.last_eval[n]["accuracy"] for n in trainers}
+    known.update(evaluated)
     holdouts = [n for n in strategy.holdout_nodes() if strategy.nodes[n].num_test > 0]
     out: dict[str, float | None] = {}
     for k in ks:
@@ -99,8 +146,13 @@ def route_nodes(
     if strategy.result is None or strategy.extractor is None:
         return {n: 0 for n in node_ids}  # before clustering there is one global model
     out: dict[int, int | None] = {n: None for n in node_ids}
-    if labels > 0 and not strategy.result.normaliser.label_free:
-        got = collect_routing(strategy, node_ids, server_round, labels)
+    cached = end_replies(strategy, node_ids, server_round, labels)
+    if cached is not None and labels == 0:
+        descs = {n: desc for n, (desc, _) in cached.items()}
+    elif labels > 0 and not strategy.result.normaliser.label_free:
+        if cached is None:
+            cached = collect_routing(strategy, node_ids, server_round, labels)
+        got = cached
         with_labels = [n for n in strategy.ordered(got) if got[n][1] is not None]
         if with_labels:
             clusters, _ = route_with_labels(
@@ -143,8 +195,17 @@ def routed_metrics(strategy: Flux) -> dict[str, float | None]:
     return {
         "accuracy_routed": mean(accs),
         "routing_agreement": float(np.mean(agree)) if agree else None,
-        **routing_sweep(strategy, trainers, end),
+        **routing_sweep(
+            strategy, trainers, end, {(n, routed[n]): m["accuracy"] for n, m in extra.items()}
+        ),
     }
 
 
-__all__ = ["collect_routing", "route_nodes", "routing_sweep", "routed_metrics"]
+__all__ = [
+    "EndRouting",
+    "collect_routing",
+    "end_replies",
+    "route_nodes",
+    "routing_sweep",
+    "routed_metrics",
+]

@@ -47,10 +47,10 @@ from flux_app.methods.flux.clustering import FluxClustering, cluster_descriptors
 from flux_app.methods.flux.config import FluxConfig
 from flux_app.methods.flux.descriptors import FluxDescriptor
 from flux_app.methods.flux.drift import check_drift
-from flux_app.methods.flux.fitting import fit_nodes
+from flux_app.methods.flux.fitting import collect_with_checks, fit_nodes
 from flux_app.methods.flux.privacy import count_releases, privacy_report
 from flux_app.methods.flux.router import save_router_of
-from flux_app.methods.flux.routing import route_nodes, routed_metrics
+from flux_app.methods.flux.routing import EndRouting, route_nodes, routed_metrics
 
 logger = logging.getLogger("flwr")
 
@@ -88,6 +88,8 @@ class Flux(ClusteredStrategy):
         self.reference: dict[int, FluxDescriptor] = {}
         #: rounds whose drift check re-clustered
         self.drift_rounds: list[int] = []
+        #: the closing test phase's routing replies, asked once (routing.EndRouting)
+        self.end_routing: EndRouting | None = None
         _check_routing_labels(self.opts.dp_noise, self.cfg.routing_labels)
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
@@ -210,12 +212,12 @@ class Flux(ClusteredStrategy):
         cfg = self.opts
         self.extractor = clone_state(self.models[0])
         trainers = self.training_nodes()
-        descs = self.collect_descriptors(trainers, server_round, label_free=False, split="train")
+        descs, checks = collect_with_checks(self, trainers, server_round)
         if not descs:
             logger.warning("no valid descriptor: staying with one global model")
             return
         ids = self.ordered(descs)
-        self.result = fit_nodes(self, ids, descs, server_round)
+        self.result = fit_nodes(self, ids, descs, server_round, checks)
         self.reference = {n: descs[n] for n in ids}
         self.cluster_round = server_round
         global_model = self.models[0]
