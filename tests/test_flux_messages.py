@@ -151,3 +151,24 @@ def test_with_val_only_on_a_full_training_descriptor():
         content = RecordDict({"config": ConfigRecord(conf)})
         with pytest.raises(ValueError, match="with-val"):
             handle_descriptor(content, rt=None)  # refused before the runtime is touched
+
+
+def test_the_clustering_libraries_load_while_the_warm_up_runs(monkeypatch):
+    """A fresh ServerApp imports hdbscan / scikit-learn / scipy in the background from the
+    moment the strategy is built, not inside its clustering round."""
+    import sys
+
+    from flux_app.engine.config import RunConfig
+    from flux_app.methods.flux.clustering import preload_libraries
+
+    started: list[str] = []
+    monkeypatch.setattr(flux_strategy, "preload_libraries", lambda c: started.append(c))
+    flux_strategy.Flux(RunConfig(strategy="flux"))
+    flux_strategy.Flux(
+        RunConfig.from_mapping({"strategy": "flux", "flux-clusterer": "knee-dbscan"})
+    )
+    assert started == ["hdbscan", "knee-dbscan"]
+    thread = preload_libraries("hdbscan")
+    assert not thread.daemon  # an exit waits for it instead of killing an import half-way
+    thread.join(timeout=60)
+    assert not thread.is_alive() and "hdbscan" in sys.modules and "sklearn.neighbors" in sys.modules

@@ -184,6 +184,7 @@ from __future__ import annotations
 # scipy and scikit-learn are imported inside the functions that use them: server-only work, kept off
 # the ClientApp's import path (a deployment message starts a fresh process).
 import math
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -194,6 +195,7 @@ from flux_app.common.statecodec import state_type
 from flux_app.methods.flux.descriptors import FluxDescriptor
 
 __all__ = [
+    "preload_libraries",
     "ABSENCE_ALPHA",
     "GUARD_ALPHA",
     "GUARD_RATIO",
@@ -920,6 +922,29 @@ def _apply_noise_policy(
         f"{n_single} became singletons (tolerance {tolerance:g})"
     )
     return labels
+
+
+def preload_libraries(clusterer: str) -> threading.Thread:
+    """Import the clustering libraries in a background thread and return it.
+
+    ``hdbscan`` with scikit-learn and scipy take ~2-3 s to import, which a fresh ServerApp
+    process (every ``flwr run``, simulated or deployed) would otherwise pay inside its
+    clustering round; started when the strategy is built, the import overlaps the warm-up
+    rounds, where the server waits on its nodes. Not a daemon: an interpreter that exits
+    first waits for it rather than killing an import half-way."""
+
+    def load() -> None:
+        try:
+            if clusterer == "hdbscan":
+                import hdbscan  # noqa: F401
+            from scipy.stats import chi2  # noqa: F401
+            from sklearn.neighbors import NearestNeighbors  # noqa: F401
+        except Exception:  # noqa: BLE001 - the clustering round imports again and reports it
+            pass
+
+    thread = threading.Thread(target=load, name="flux-preload-clustering")
+    thread.start()
+    return thread
 
 
 def _run_hdbscan(x: np.ndarray, min_cluster_size: int, allow_single_cluster: bool) -> np.ndarray:

@@ -43,7 +43,11 @@ from flux_app.engine.config import ConfigError
 from flux_app.engine.metrics import mean
 from flux_app.engine.registry import register_strategy
 from flux_app.engine.strategy import ClusteredStrategy
-from flux_app.methods.flux.clustering import FluxClustering, cluster_descriptors
+from flux_app.methods.flux.clustering import (
+    FluxClustering,
+    cluster_descriptors,
+    preload_libraries,
+)
 from flux_app.methods.flux.config import FluxConfig
 from flux_app.methods.flux.descriptors import FluxDescriptor
 from flux_app.methods.flux.drift import check_drift
@@ -91,6 +95,7 @@ class Flux(ClusteredStrategy):
         #: the closing test phase's routing replies, asked once (routing.EndRouting)
         self.end_routing: EndRouting | None = None
         _check_routing_labels(self.opts.dp_noise, self.cfg.routing_labels)
+        preload_libraries(self.opts.clusterer)  # overlaps the warm-up rounds
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {
