@@ -47,13 +47,16 @@ def main() -> int:
     )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=None, help="override num-server-rounds")
+    parser.add_argument(
+        "--clients", type=int, default=None, help="training clients (flux-fmnist-scale)"
+    )
     parser.add_argument("--output", default=OUT)
     args = parser.parse_args()
 
     import logging
 
     import torch
-    from benchmark import PROTOCOLS, run_config, save_measurement
+    from benchmark import nodes_of, run_config, save_measurement
 
     from flux_app.engine.inprocess import run_inprocess
 
@@ -63,10 +66,12 @@ def main() -> int:
     if len(names) < 2 or len(set(names)) != len(names):
         parser.error("--strategies: at least two distinct methods")
     a, b = names[0], names[-1]
-    nodes = PROTOCOLS[args.protocol]["nodes"]
     wall: dict[str, list[float]] = {m: [] for m in names}
     cpu: dict[str, list[float]] = {m: [] for m in names}
     cell = {"shift": args.shift, "level": args.level, "seed": args.seed}
+    if args.clients:
+        cell["clients"] = args.clients
+    nodes = nodes_of(args.protocol, cell)
     for strategy in names:  # untimed: imports, data loading and caches are not what we compare
         cfg = run_config(args.protocol, cell | {"strategy": strategy}, min(2, args.rounds or 2))
         cfg["run-name"] += "-warmup"
@@ -93,6 +98,8 @@ def main() -> int:
             "shift": args.shift,
             "level": args.level,
             "seed": args.seed,
+            "clients": args.clients,
+            "nodes": nodes,
             "a": a,
             "b": b,
             "strategies": names,
