@@ -723,6 +723,40 @@ def drift_section() -> list[str]:
 SCALE_METHODS = ("flux", "fedavg", "local", "pacfl", "ifca", "fesem", "cfl", "oracle")
 
 
+def alpha_pick_section() -> list[str]:
+    """FedDAG's pick rules and linkages on the protocol's own clustering rounds
+    (``scripts/alpha_pick_protocol.py``): ARI (clusters) per (setting, seed), and the means."""
+    path = os.path.join(PLOTS, "alpha-pick-protocol.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    if not rows:
+        return []
+    rules = list(rows[0]["rules"])
+    lines = [
+        "### FedDAG's alpha pick rules on the protocol's clustering rounds",
+        "",
+        "Command: `python scripts/alpha_pick_protocol.py --settings dist1-a1,dist1-a0.25,dist2 "
+        "--seeds 0,1,2` (the FedDAG protocol run in process through its clustering round, then "
+        "the alpha sweep re-run on that round's fused distances with each pick rule and "
+        "linkage; cells: ARI against the planted groups, clusters in brackets; the run itself "
+        "used the default, UPGMA / stable).",
+        "",
+        "| setting | seed | groups | " + " | ".join(rules) + " |",
+        "|---|---|---|" + "---|" * len(rules),
+    ]
+    rows.sort(key=lambda r: (r["setting"], r["seed"]))
+    for r in rows:
+        cells = [f"{r['rules'][k]['ari']:.2f} ({r['rules'][k]['clusters']})" for k in rules]
+        lines.append(
+            f"| {r['setting']} | {r['seed']} | {r['groups']} | " + " | ".join(cells) + " |"
+        )
+    means = [f"{_mean([r['rules'][k]['ari'] for r in rows]):.2f}" for k in rules]
+    lines.append(f"| mean | {len(rows)} runs | | " + " | ".join(means) + " |")
+    return lines + [""]
+
+
 def _wall(row: dict | None) -> float | None:
     """A run's wall time; for a run resumed in another sitting, its rounds' own time (the
     last sitting's wall time would leave the earlier rounds out)."""
@@ -823,6 +857,7 @@ def write_report(protocols: dict, paper: dict, done: dict[str, dict[str, dict]])
         protocols["feddag-fmnist"], paper["feddag-fmnist"], done.get("feddag-fmnist", {})
     )
     lines += long_runs_section("feddag-fmnist", paper["feddag-fmnist"])
+    lines += alpha_pick_section()
     lines += notes("feddag-fmnist")
     lines += overhead_section()
     lines += notes("performance")  # issue #15's measurements, written by hand from their scripts
