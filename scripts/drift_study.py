@@ -157,6 +157,29 @@ def report() -> str:
         for k in [r["key"]]
     }
     lines += ["", f"FLUX re-clustered at rounds: {sorted(set(map(tuple, recl.values())))}"]
+    # per setting: how far behind the Oracle each FLUX is at the drift round, 3 rounds on, last
+    at = [d - 1, min(d + 2, n - 1), n - 1]
+    lines += [
+        "",
+        "Per setting, Oracle - method (points) at the drift round, three rounds later and at the "
+        "end:",
+        "",
+        "| shift | level | seed | flux: round "
+        + " / ".join(str(i + 1) for i in at)
+        + " | flux-blind: round "
+        + " / ".join(str(i + 1) for i in at)
+        + " |",
+        "|---|---|---|---|---|",
+    ]
+    for key in sorted(complete):
+        v = complete[key]
+
+        def gaps(method: str, v: dict = v) -> str:
+            return " / ".join(
+                f"{round(100 * (v['oracle'][i] - v[method][i]), 1) or 0.0:.1f}" for i in at
+            )
+
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {gaps('flux')} | {gaps('flux-blind')} |")
     return "\n".join(lines)
 
 
