@@ -709,7 +709,8 @@ def drift_section() -> list[str]:
     return [
         "## Drift: FLUX re-clustering against a drift-aware Oracle",
         "",
-        "Command: `python scripts/drift_study.py --shifts px,py --seeds 0,1 --workers 2` (the FLUX "
+        "Commands: `python scripts/drift_study.py --shifts px,py --seeds 0,1 --workers 2` and "
+        "`--shifts pyx,pxy --seeds 0` (the FLUX "
         "protocol, 12 rounds, FLUX clusters at round 3; from round 6, 3 of the 10 training "
         "clients draw their data from another group's distribution; FLUX is not told: "
         "`flux-drift-check-every=1`). Accuracy: every training client on its current test data "
