@@ -220,11 +220,16 @@ def finish(s: ClusteredStrategy, wall_seconds: float) -> dict[str, Any]:
         "accuracy_by_client": by_client(s.last_eval),
         "accuracy_holdout_by_client": by_client(holdout_eval),
     }
-    final.update(s.final_metrics())
-    # after final_metrics: the closing test phase's messages count too
-    final["bytes_descriptor_up"] = s.traffic_counter.up(*s.descriptor_types)
-    final["bytes_model_up"] = s.traffic["train"]["up"]
-    final["bytes_model_down"] = s.traffic["train"]["down"]
+    own = s.final_metrics()
+    final.update(own)
+    # taken after final_metrics, so the closing test phase's messages count too; a strategy's
+    # own figure (IFCA counts its score queries as model bytes) wins
+    traffic = {
+        "bytes_descriptor_up": s.traffic_counter.up(*s.descriptor_types),
+        "bytes_model_up": s.traffic["train"]["up"],
+        "bytes_model_down": s.traffic["train"]["down"],
+    }
+    final.update({k: v for k, v in traffic.items() if k not in own})
     run_name = (
         os.path.basename(s.recorder.root) if s.recorder is not None else (s.cfg.run_name or s.name)
     )
