@@ -49,8 +49,7 @@ def collect_with_checks(
         content = s.descriptor_content(server_round, label_free=False, split="train")
         content.config_records["config"]["with-val"] = True
         contents[n] = content
-    info = s.nodes[node_ids[0]] if node_ids else None
-    dim = s.opts.proj_dim or (min(info.num_classes, s.feature_dim()) if info else 0)
+    dim = s.descriptor_dim(node_ids)
 
     def parse(node_id: int, content: RecordDict) -> tuple[FluxDescriptor, FluxDescriptor | None]:
         classes = s.nodes[node_id].num_classes

@@ -191,8 +191,7 @@ class Flux(ClusteredStrategy):
             n: self.descriptor_content(server_round, label_free=label_free, split=split)
             for n in node_ids
         }
-        info = self.nodes[node_ids[0]] if node_ids else None
-        dim = self.opts.proj_dim or (min(info.num_classes, self.feature_dim()) if info else 0)
+        dim = self.descriptor_dim(node_ids)
 
         def parse(node_id: int, content: RecordDict) -> FluxDescriptor:
             arrays = record_to_arrays(get_array_record(content, "descriptor"))
@@ -203,6 +202,11 @@ class Flux(ClusteredStrategy):
         return self.collect(
             DESCRIPTOR, contents, server_round, parse, what="descriptor", exclude=exclude
         )
+
+    def descriptor_dim(self, node_ids: list[int]) -> int:
+        """K of the descriptors ``node_ids`` send (``flux-proj-dim``, else classes capped)."""
+        info = self.nodes[node_ids[0]] if node_ids else None
+        return self.opts.proj_dim or (min(info.num_classes, self.feature_dim()) if info else 0)
 
     def feature_dim(self) -> int:
         """Width of the features descriptors read (``flux-descriptor-layer``)."""
