@@ -160,6 +160,14 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
             # Dist III (Dirichlet label skew, no planted groups): not in the default grid; the
             # dual-encoder ablation's setting where clusters share features (issue #15)
             "dist3-a0.25": {"shift": "dirichlet", "alpha": 0.25},
+            # a Dirichlet mixture of 4 planted groups (alpha 0.5): clusters that overlap in
+            # classes, the setting where complementary sharing should help if anywhere (#15)
+            "dist3-mix4": {
+                "shift": "dirichlet-groups",
+                "level": 4,
+                "alpha": 0.5,
+                "num-clusters": 4,
+            },
         },
     },
 }

@@ -306,6 +306,33 @@ def test_dirichlet_skew_sizes_and_test(src: Source) -> None:
         assert int(np.argmax(test_hist)) == p.group
 
 
+def test_dirichlet_groups_are_planted_mixtures_that_share_classes(src: Source) -> None:
+    n, groups = 12, 3
+    spec = ShiftSpec("dirichlet-groups", level=groups, alpha=0.5, seed=2)
+    plans = partition_plan(src, spec, n)
+    assert sorted(p.group for p in plans) == sorted(list(range(groups)) * (n // groups))
+    assert num_groups(C, spec, n) == groups
+    sizes = {len(p.train_idx) + len(p.val_idx) for p in plans}
+    assert len(sizes) == 1 and 0 < sizes.pop() <= len(src.y_train) // n  # equal, shrunk to fit
+    owner: dict[int, int] = {}
+    mix: dict[int, np.ndarray] = {}
+    for p in plans:
+        own = np.concatenate([p.train_idx, p.val_idx])
+        for i in own.tolist():
+            assert owner.setdefault(i, p.partition_id) == p.partition_id  # samples not shared
+        hist = np.bincount(source_y(src, own), minlength=C)
+        # every client of a group holds the group's class counts (its proportions, exactly)
+        assert np.array_equal(mix.setdefault(p.group, hist), hist)
+        test_hist = np.bincount(source_y(src, p.test_idx, test=True), minlength=C)
+        assert set(np.flatnonzero(test_hist)) <= set(np.flatnonzero(hist))
+    props = [mix[g] / mix[g].sum() for g in range(groups)]
+    assert len({tuple(h.tolist()) for h in mix.values()}) == groups  # distinct distributions
+    # the point of the setting: groups overlap in classes (clusters share features)
+    assert all(np.minimum(props[a], props[b]).sum() > 0.05 for a in range(groups) for b in range(a))
+    with pytest.raises(ValueError, match="planted groups"):
+        partition_plan(src, spec, n, regroup=((0, 1),))
+
+
 # ----------------------------------------------------------------------- determinism, misc ----
 
 

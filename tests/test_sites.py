@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from flux_app.data.folder import DataFolderError, load_folder
-from flux_app.engine.config import RunConfig
+from flux_app.engine.config import SHIFTS, RunConfig
 from flux_app.engine.delivery import safe_name
 from flux_app.engine.results import RunRecorder
 from flux_app.engine.server import build_strategy
@@ -260,11 +260,14 @@ def test_model_shape_from_the_run_config_matches_the_simulated_data():
 
     for dataset in ("digits", "synthetic"):
         source = load_source(dataset, "", 0)
-        for shift in ("none", "px", "py", "pyx", "pxy", "label-skew", "concept", "dirichlet"):
+        for shift in SHIFTS:  # the run-config's list, checked against the protocols' below
             cfg = RunConfig(dataset=dataset, shift=shift)
             assert cfg.model_input == (input_shape(source, shift), source.num_classes)
     cfg = RunConfig.from_mapping({"image-size": 64, "channels": 1, "class-names": "a,b,c,d"})
     assert cfg.model_input == ((1, 64, 64), 4)
+    from flux_app.data import SHIFTS as PROTOCOL_SHIFTS
+
+    assert SHIFTS == PROTOCOL_SHIFTS  # the server's light copy names every protocol
 
 
 def test_run_names_cannot_escape_a_sites_folder():

@@ -44,6 +44,13 @@ the client's validation set. Train, validation and test get the same client tran
                 size, drawn in the class proportions of its train share (without replacement
                 where the class has enough samples). Group = the client's dominant train class
                 (ties: lowest class) - a label for metrics only, there is no designed grouping.
+``dirichlet-groups``  A Dirichlet mixture of ``L`` planted groups (clusters that share
+                features): group ``g`` draws class proportions ``p_g ~ Dir(alpha)`` and every
+                client of the group fills its train share in exactly those proportions, so
+                groups overlap in classes wherever their proportions do. Client sizes are
+                equal, scaled down (never the proportions) until every class pool covers what
+                the groups ask of it; the test set follows the client's train proportions as in
+                ``dirichlet``. Group = group index.
 
 Decisions
 ---------
@@ -91,7 +98,17 @@ __all__ = [
     "px_patterns",
 ]
 
-SHIFTS = ("none", "px", "py", "pyx", "pxy", "label-skew", "concept", "dirichlet")
+SHIFTS = (
+    "none",
+    "px",
+    "py",
+    "pyx",
+    "pxy",
+    "label-skew",
+    "concept",
+    "dirichlet",
+    "dirichlet-groups",
+)
 BANK_SIZE = 5  # subsets / permutations / rotation maps per bank (FLUX protocol)
 _PX_LEVELS = {
     1: (2, 1),
@@ -114,9 +131,11 @@ class ShiftSpec:
     kind : str
         One of :data:`SHIFTS`.
     level : int
-        Heterogeneity level 1..8 (``px``, ``py``, ``pyx``, ``pxy``).
+        Heterogeneity level 1..8 (``px``, ``py``, ``pyx``, ``pxy``); the number of groups
+        (``dirichlet-groups``).
     alpha : float
-        Dirichlet concentration (``label-skew``, ``dirichlet``); smaller is more skewed.
+        Dirichlet concentration (``label-skew``, ``dirichlet``, ``dirichlet-groups``); smaller
+        is more skewed.
     rho : float
         Share of the labels per group (``label-skew``), in ``(0, 1]``.
     seed : int
@@ -389,6 +408,8 @@ def num_groups(source_num_classes: int, spec: ShiftSpec, num_partitions: int) ->
         options = 3
     elif spec.kind == "label-skew":
         options = len(_label_groups(c, spec.rho, 0))
+    elif spec.kind == "dirichlet-groups":
+        options = level
     else:  # dirichlet
         options = c
     return min(options, n)
@@ -457,12 +478,14 @@ def _plan_cached(
     y_train = source.y_train.numpy()
     y_test = source.y_test.numpy()
     c = source.num_classes
-    if regroup and spec.kind in ("label-skew", "dirichlet"):
+    if regroup and spec.kind in ("label-skew", "dirichlet", "dirichlet-groups"):
         raise ValueError(f"drift needs a shift with planted groups, not {spec.kind!r}")
     if spec.kind == "label-skew":
         plans = _plan_label_skew(y_train, y_test, c, spec, n)
     elif spec.kind == "dirichlet":
         plans = _plan_dirichlet(y_train, y_test, c, spec, n)
+    elif spec.kind == "dirichlet-groups":
+        plans = _plan_dirichlet_groups(y_train, y_test, c, spec, n)
     else:
         plans = _plan_base(y_train, y_test, c, spec, n, dict(regroup))
     return tuple(plans)
@@ -572,16 +595,61 @@ def _plan_label_skew(
 def _plan_dirichlet(
     y_train: np.ndarray, y_test: np.ndarray, c: int, spec: ShiftSpec, n: int
 ) -> list[ClientPlan]:
-    seed = spec.seed
-    rng = _rng(seed, "dirichlet", "train")
+    rng = _rng(spec.seed, "dirichlet", "train")
     q = rng.dirichlet(np.full(c, spec.alpha), size=n)
     for i in range(n):  # tiny alpha can underflow to all zeros: fall back to one random class
         if not np.all(np.isfinite(q[i])) or q[i].sum() <= 0:
             q[i] = np.eye(c)[rng.integers(c)]
+    sizes = [len(s) for s in np.array_split(np.arange(len(y_train)), n)]
+    return _plans_from_proportions(y_train, y_test, c, spec, q, sizes, None, rng, "dirichlet")
+
+
+def _plan_dirichlet_groups(
+    y_train: np.ndarray, y_test: np.ndarray, c: int, spec: ShiftSpec, n: int
+) -> list[ClientPlan]:
+    rng = _rng(spec.seed, "dirichlet-groups", "train")
+    p = rng.dirichlet(np.full(c, spec.alpha), size=spec.level)
+    for g in range(spec.level):  # tiny alpha underflow, as in ``dirichlet``
+        if not np.all(np.isfinite(p[g])) or p[g].sum() <= 0:
+            p[g] = np.eye(c)[rng.integers(c)]
+    groups = _assign_balanced(n, spec.level, _rng(spec.seed, "assign", "dirichlet-groups"))
+    q = p[groups]
+    # Equal client sizes, shrunk until no class pool is over-asked: a client's proportions are
+    # its group's definition, so the size gives way, not the mix (a sample of slack per client
+    # and class, at most half the pool, absorbs the largest-remainder rounding).
+    pool_sizes = np.bincount(y_train, minlength=c).astype(np.float64)
+    usable = np.maximum(pool_sizes - n, pool_sizes / 2)
+    demand = q.sum(axis=0)  # samples of each class asked per unit of client size
+    fit = np.min(np.where(demand > 0, usable / np.maximum(demand, 1e-12), np.inf))
+    size = int(max(1, min(len(y_train) // n, math.floor(fit))))
+    sizes = [size] * n
+    return _plans_from_proportions(
+        y_train, y_test, c, spec, q, sizes, groups, rng, "dirichlet-groups"
+    )
+
+
+def _plans_from_proportions(
+    y_train: np.ndarray,
+    y_test: np.ndarray,
+    c: int,
+    spec: ShiftSpec,
+    q: np.ndarray,
+    sizes: list[int],
+    groups: np.ndarray | None,
+    rng: np.random.Generator,
+    tag: str,
+) -> list[ClientPlan]:
+    """Fill each client's train share from the class pools in proportions ``q[i]``.
+
+    Clients are filled in a seeded order; when one of a client's classes runs out, the rest of
+    its share follows its remaining proportions. The test set has the client's IID test-share
+    size, drawn in the class proportions of its train share. ``groups=None`` labels a client
+    with its dominant train class (ties: lowest), for metrics only.
+    """
+    seed, n = spec.seed, len(q)
     pools = [rng.permutation(np.flatnonzero(y_train == k)) for k in range(c)]
     remaining = np.array([len(p) for p in pools], dtype=np.int64)
     taken = np.zeros(c, dtype=np.int64)
-    sizes = [len(s) for s in np.array_split(np.arange(len(y_train)), n)]
     own_counts = np.zeros((n, c), dtype=np.int64)
     for i in rng.permutation(n):
         need = sizes[i]
@@ -605,8 +673,8 @@ def _plan_dirichlet(
         own = np.concatenate(shares[pid]) if shares[pid] else np.empty(0, dtype=np.int64)
         train, val = _split_val(own, spec.val_fraction, _rng(seed, "val", pid))
         hist = own_counts[pid]
-        group = int(np.argmax(hist))  # dominant class (ties: lowest), for metrics only
-        trng = _rng(seed, "dirichlet", "test", pid)
+        group = int(np.argmax(hist)) if groups is None else int(groups[pid])
+        trng = _rng(seed, tag, "test", pid)
         parts = []
         for k, count in enumerate(_largest_remainder(test_sizes[pid], hist)):
             pool = test_pools[k]

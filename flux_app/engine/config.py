@@ -32,7 +32,17 @@ from flux_app.engine import registry
 
 logger = logging.getLogger("flwr")
 DATASETS = ("digits", "fmnist", "mnist", "cifar10", "cifar100", "synthetic")
-SHIFTS = ("none", "px", "py", "pyx", "pxy", "label-skew", "concept", "dirichlet")
+SHIFTS = (
+    "none",
+    "px",
+    "py",
+    "pyx",
+    "pxy",
+    "label-skew",
+    "concept",
+    "dirichlet",
+    "dirichlet-groups",
+)
 MODELS = ("lenet5", "cnn", "resnet9")
 DEVICES = ("auto", "cpu", "cuda")
 
