@@ -32,6 +32,8 @@ from flux_app.engine import registry
 
 logger = logging.getLogger("flwr")
 DATASETS = ("digits", "fmnist", "mnist", "cifar10", "cifar100", "synthetic")
+# flux_app.data.shifts.SHIFTS, copied so that reading a run-config imports no torch
+# (tests/test_sites.py checks the two lists are equal)
 SHIFTS = (
     "none",
     "px",
