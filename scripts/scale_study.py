@@ -4,8 +4,11 @@
 For each strategy and federation size it runs one simulation on Flower's Ray engine
 (``scripts/simulate.py``, a private FLWR_HOME and private local SuperLink ports, stopped after
 the run) with the SAME number of nodes sampled per round (``--sampled``: ``fraction-train`` and
-``fraction-evaluate`` = sampled / nodes), so a round's work is the same at every size and any
-growth of its wall time is the engine's or the server's overhead per node. While it runs, a
+``fraction-evaluate`` = sampled / nodes), so a round sends the same number of messages at every
+size and any growth of its wall time is the engine's or the server's overhead per node (each
+node's data shrinks as the federation grows, so its training does too). ``--sampled`` as a list
+(``25,50,100``) runs every size with each, to show how a round grows with the sampled nodes
+at a fixed federation and node size. While it runs, a
 sampler reads the resident memory (VmRSS) of every process the run started (the SuperLink, its
 executor, ``flwr-simulation``, Ray's own processes and each ``ClientAppActor``) once a second.
 
@@ -15,6 +18,7 @@ collects every node's descriptor and clusters there), the middle rounds, and the
 clusters and ARI. Results go to ``--output`` (JSON) and a plot beside it.
 
     python scripts/scale_study.py --nodes 100,300,1000 --strategies flux,fedavg --rounds 10
+    python scripts/scale_study.py --nodes 1000 --sampled 25,50,100 --output OUT.json
 """
 
 from __future__ import annotations
@@ -134,7 +138,13 @@ class MemorySampler(threading.Thread):
 
 
 def run_one(
-    strategy: str, nodes: int, sampled: int, rounds: int, seed: int, setting: str = SETTING
+    strategy: str,
+    nodes: int,
+    sampled: int,
+    rounds: int,
+    seed: int,
+    setting: str = SETTING,
+    in_flight: int = 0,
 ) -> dict[str, Any]:
     """One simulation; its round times, peak memory and final numbers."""
     fraction = min(1.0, sampled / nodes)
@@ -151,6 +161,7 @@ def run_one(
                     setting,
                     f'strategy="{strategy}" num-server-rounds={rounds} seed={seed} '
                     f"fraction-train={fraction:.6g} fraction-evaluate={fraction:.6g} "
+                    f"max-messages-in-flight={in_flight} "
                     f'output-dir="{tmp}" run-name="scale"',
                 ],
                 nodes=nodes,
@@ -167,6 +178,7 @@ def run_one(
             "strategy": strategy,
             "nodes": nodes,
             "sampled_per_round": round(fraction * nodes),
+            "max_messages_in_flight": in_flight,
             "status": status,
             "wall_seconds": round(wall, 1),
             "peak_rss_mib": {k: round(v) for k, v in sorted(sampler.peak.items())},
@@ -192,26 +204,48 @@ def run_one(
 
 
 def plot(runs: list[dict[str, Any]], path: str) -> None:
+    """Round times and peak memory against the federation's size (or, when one size ran with
+    several sampled counts, against the sampled nodes); medians over repeats."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    done = [r for r in runs if "round_seconds" in r]
+    by_sampled = (
+        len({r["nodes"] for r in done}) == 1 and len({r["sampled_per_round"] for r in done}) > 1
+    )
+    x_key, other = ("sampled_per_round", "nodes") if by_sampled else ("nodes", "sampled_per_round")
+    windows = {r.get("max_messages_in_flight", 0) for r in done}
+    lines: dict[tuple[Any, ...], dict[int, list[dict[str, Any]]]] = {}
+    for r in done:
+        key = (r["strategy"], r[other], r.get("max_messages_in_flight", 0))
+        lines.setdefault(key, {}).setdefault(r[x_key], []).append(r)
+
+    def med(rs: list[dict[str, Any]], field: str) -> float:
+        values = sorted(r[field] for r in rs)
+        return values[len(values) // 2]
+
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for strategy in sorted({r["strategy"] for r in runs}):
-        rs = sorted(
-            (r for r in runs if r["strategy"] == strategy and "round_seconds" in r),
-            key=lambda r: r["nodes"],
+    for (strategy, fixed, window), points in sorted(lines.items()):
+        name = strategy
+        if len({k[1] for k in lines}) > 1:
+            name += f", {fixed} {'nodes' if by_sampled else 'sampled'}"
+        if len(windows) > 1:
+            name += f", in flight {window or 'all'}"
+        xs = sorted(points)
+        a.plot(
+            xs, [med(points[x], "middle_round_seconds") for x in xs], "o-", label=f"{name}: middle"
         )
-        n = [r["nodes"] for r in rs]
-        a.plot(n, [r["middle_round_seconds"] for r in rs], "o-", label=f"{strategy}: middle")
-        a.plot(n, [r["first_round_seconds"] for r in rs], "s--", label=f"{strategy}: round 1")
-        b.plot(n, [r["peak_rss_total_mib"] / 1024 for r in rs], "o-", label=strategy)
-    a.set(xlabel="simulated nodes (same nodes sampled per round)", ylabel="round wall time (s)")
-    b.set(xlabel="simulated nodes", ylabel="peak memory of all the run's processes (GiB)")
+        a.plot(xs, [med(points[x], "last_round_seconds") for x in xs], "s--", label=f"{name}: last")
+        b.plot(xs, [med(points[x], "peak_rss_total_mib") / 1024 for x in xs], "o-", label=name)
+    xlabel = "nodes sampled per round" if by_sampled else "simulated nodes"
+    a.set(xlabel=xlabel, ylabel="round wall time (s)")
+    b.set(xlabel=xlabel, ylabel="peak memory of all the run's processes (GiB)")
     for ax in (a, b):
-        ax.set_xscale("log")
-        ax.legend(fontsize=8)
+        if not by_sampled:  # sizes span 10x; sampled counts show linearity best on a line
+            ax.set_xscale("log")
+        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -221,7 +255,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--nodes", default="100,300,1000")
     ap.add_argument("--strategies", default="flux,fedavg")
-    ap.add_argument("--sampled", type=int, default=50, help="nodes sampled per round")
+    ap.add_argument(
+        "--sampled",
+        default="50",
+        help="nodes sampled per round (comma list: every size runs with each)",
+    )
+    ap.add_argument(
+        "--in-flight",
+        default="0",
+        help="max-messages-in-flight values (comma list: alternated, side by side)",
+    )
+    ap.add_argument("--repeats", type=int, default=1, help="runs of every combination")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--setting", default=SETTING, help="run-config of every run")
@@ -237,9 +281,24 @@ def main() -> int:
         },
         "runs": [],
     }
-    for strategy in args.strategies.split(","):
-        for nodes in (int(n) for n in args.nodes.split(",")):
-            got = run_one(strategy, nodes, args.sampled, args.rounds, args.seed, args.setting)
+    sizes = [int(n) for n in args.nodes.split(",")]
+    samples = [int(s) for s in str(args.sampled).split(",")]
+    windows = [int(w) for w in str(args.in_flight).split(",")]
+    if min(sizes + samples) < 1 or min(windows) < 0 or args.repeats < 1:
+        ap.error("--nodes, --sampled and --repeats must be positive, --in-flight >= 0")
+    combos = [
+        (strategy, nodes, sampled, window)
+        for strategy in args.strategies.split(",")
+        for nodes in sizes
+        for sampled in samples
+        for window in windows
+    ]
+    for repeat in range(args.repeats):
+        for strategy, nodes, sampled, window in combos:
+            got = run_one(
+                strategy, nodes, sampled, args.rounds, args.seed, args.setting, in_flight=window
+            )
+            got["repeat"] = repeat + 1
             report["runs"].append(got)
             print("[scale] " + json.dumps(got), flush=True)
             os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -41,6 +41,7 @@ MAY_DIFFER = frozenset(
         "resume-from",
         "checkpoint-every",
         "round-timeout",
+        "max-messages-in-flight",
         "device",
         "output-dir",
         "run-name",

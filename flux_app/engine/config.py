@@ -168,6 +168,9 @@ class RunConfig:
     run_name: str = ""
     eval_every: int = 1
     round_timeout: float = 600.0
+    #: most messages awaiting a reply at once; 0 = a batch all at once (large simulations:
+    #: Flower's simulation engine scans nodes x stored messages every 0.1 s)
+    max_messages_in_flight: int = 0
     min_nodes: int = 0
     #: a train reply whose model is more than this many times longer (L2) than the lower median
     #: of its cluster's other trained models in the round is rejected; 0 = no bound
@@ -390,6 +393,12 @@ def _validate_common(cfg: RunConfig) -> None:
         _check(value == 0 or value > 1, key, value, "0 (no bound) or > 1")
     _check(cfg.eval_every >= 1, "eval-every", cfg.eval_every, ">= 1")
     _check(cfg.round_timeout > 0, "round-timeout", cfg.round_timeout, "> 0")
+    _check(
+        cfg.max_messages_in_flight >= 0,
+        "max-messages-in-flight",
+        cfg.max_messages_in_flight,
+        ">= 0 (0 = all at once)",
+    )
     _check(cfg.checkpoint_every >= 0, "checkpoint-every", cfg.checkpoint_every, ">= 0 (0 = never)")
     if cfg.momentum != "auto":
         _check(float(cfg.momentum) >= 0, "momentum", cfg.momentum, '>= 0 or "auto"')
