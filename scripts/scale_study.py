@@ -224,7 +224,8 @@ def plot(runs: list[dict[str, Any]], path: str) -> None:
 
     def med(rs: list[dict[str, Any]], field: str) -> float:
         values = sorted(r[field] for r in rs)
-        return values[len(values) // 2]
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for (strategy, fixed, window), points in sorted(lines.items()):
