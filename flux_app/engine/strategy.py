@@ -334,13 +334,7 @@ class ClusteredStrategy(ResumableState):
     def connect(self, grid: Grid, wait_seconds: float = 120.0) -> None:
         """Attach to ``grid`` and admit the nodes that answer ``query.info`` (``start`` does
         this first; tests and tools may call it alone)."""
-        self.transport = Transport(
-            grid,
-            self.cfg.round_timeout,
-            self.ordered,
-            self.traffic_counter,
-            max_in_flight=self.cfg.max_messages_in_flight,
-        )
+        self.transport = Transport.for_run(grid, self.cfg, self.ordered, self.traffic_counter)
         discover(self, wait_seconds)
 
     def start(self, grid: Grid) -> dict[str, Any]:

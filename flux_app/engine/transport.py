@@ -11,12 +11,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, MutableMapping
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from flux_app.engine.traffic import Traffic
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flux_app.engine.config import RunConfig
 
 logger = logging.getLogger("flwr")
 
@@ -74,6 +77,17 @@ class Transport:
         }
         #: the nodes Flower listed as connected at the round's start (``None``: not known)
         self.online: set[int] | None = None
+
+    @classmethod
+    def for_run(
+        cls,
+        grid: Grid,
+        cfg: RunConfig,
+        order: Callable[[list[int]], list[int]],
+        traffic: Traffic | None = None,
+    ) -> Transport:
+        """A Transport with the run-config's ``round-timeout`` and ``max-messages-in-flight``."""
+        return cls(grid, cfg.round_timeout, order, traffic, cfg.max_messages_in_flight)
 
     def start_round(self) -> None:
         """Reset :attr:`round_nodes`."""
